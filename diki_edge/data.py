@@ -1,0 +1,97 @@
+"""Training data: an image-folder layout (one sub-folder per class) read into tensors with the backbone's transform.
+
+``root/<class folder>/<image>``: the folder name gives the class name used in the prompt (underscores become
+spaces), unless ``root/classes.txt`` maps them — one line per class, either ``folder: class name`` or just the
+class names in the sorted order of the folders. A file that cannot be decoded is skipped with a warning; it
+never stops the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image, ImageOps
+
+from diki_edge.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageFolder:
+    root: Path
+    classes: list[str]  # names that go into the prompt, index = label
+    samples: list[tuple[Path, int]]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _class_names(root: Path, folders: list[str]) -> list[str]:
+    mapping_file = root / "classes.txt"
+    if not mapping_file.is_file():
+        return [f.replace("_", " ") for f in folders]
+    lines = [ln.strip() for ln in mapping_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if all(":" in ln for ln in lines):
+        mapping = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise DataError(f"{mapping_file}: no class name for folders {missing}")
+        return [mapping[f] for f in folders]
+    if len(lines) != len(folders):
+        raise DataError(f"{mapping_file}: {len(lines)} class names for {len(folders)} class folders")
+    return lines
+
+
+def scan_image_folder(root: str | Path) -> ImageFolder:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise DataError(f"{root}: expected one sub-folder per class (at least 2), found {len(folders)}")
+    classes = _class_names(root, folders)
+    samples = []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in (root / folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{root / folder}: class folder has no images")
+        samples.extend((p, label) for p in files)
+    return ImageFolder(root, classes, samples)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image file to RGB with its EXIF orientation applied (what the runtime does too)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode not in ("RGB",):
+            im = im.convert("RGBA").convert("RGB") if "A" in im.getbands() or im.mode == "P" else im.convert("RGB")
+        return im.copy()
+
+
+def load_tensors(folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor],
+                 on_image: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and transform every sample once (tasks are small; a bad file is skipped and recorded)."""
+    images, labels = [], []
+    for path, label in folder.samples:
+        try:
+            images.append(transform(open_rgb(path)))
+            labels.append(label)
+        except Exception as exc:  # one bad image never stops the others
+            folder.skipped.append((path, f"{type(exc).__name__}: {exc}"))
+        if on_image:
+            on_image()
+    if len(images) < 2:
+        raise DataError(f"{folder.root}: fewer than 2 readable images")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
+            shuffle: bool = True) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]

@@ -1,0 +1,39 @@
+"""Synthetic tasks for tests and speed benchmarks: random adapters, real statistics and text tables.
+
+A synthetic task's keys/values are random (``V_r`` non-zero so the branch matters) and its Gaussian is fitted
+to the frozen embeddings of images it is given, so task selection and calibration behave as for a trained task.
+Speed does not depend on the values, and parity tests need a branch that changes the output.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from diki_edge.bank import TaskInfo, TaskSlice
+from diki_edge.calibrated import class_text_table, tokenize
+from diki_edge.gaussian import GaussianStats
+from diki_edge.model import DikiCLIP, TaskAdapter
+
+
+@torch.no_grad()
+def synthetic_task(diki: DikiCLIP, tokenizer, name: str, classes: Sequence[str], images: torch.Tensor,
+                   levels: Sequence[float], seed: int = 0, value_scale: float = 0.5,
+                   template: str = "a photo of a {}.") -> TaskSlice:
+    """A task whose Gaussian is fitted to ``images`` ([N, 3, H, W], N >= 2) and whose adapter is random."""
+    g = torch.Generator().manual_seed(seed)
+    adapter = TaskAdapter(diki.shape, generator=g)
+    adapter.image_v.copy_(torch.randn(adapter.image_v.shape, generator=g) * value_scale)
+    adapter.text_v.copy_(torch.randn(adapter.text_v.shape, generator=g) * value_scale)
+    stats = GaussianStats.empty(diki.shape.embed_dim)
+    for chunk in images.split(64):
+        stats.update(diki.encode_image(chunk).double().numpy())
+    tokens = tokenize(tokenizer, classes, template)
+    table = class_text_table(diki, tokens, adapter.text_k, adapter.text_v, levels)
+    return TaskSlice(
+        info=TaskInfo(name, list(classes), template, stats.count),
+        image_k=adapter.image_k.numpy().copy(), image_v=adapter.image_v.numpy().copy(),
+        text_k=adapter.text_k.numpy().copy(), text_v=adapter.text_v.numpy().copy(),
+        stats=stats, class_embeds=table.numpy(),
+    )

@@ -1,0 +1,176 @@
+"""Learning one task: its residual keys/values, its Gaussian, its class text table, appended to a bank.
+
+The backbone stays frozen; only the new task's ``K_r/V_r`` (a :class:`~diki_edge.model.TaskAdapter`) train,
+with ``M = 1``, by cross-entropy over the task's class prompts — the reference recipe (SGD, lr 5.0, batch 128,
+10 epochs, cosine to lr*1e-3, no weight decay). Earlier tasks are untouched by construction: they are not
+even loaded as parameters. The bank file is only replaced, atomically, once the task is complete, so a run
+killed mid-way leaves the previous bank as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from diki_edge.backbone import Backbone, load_backbone
+from diki_edge.bank import TaskBank, TaskInfo, TaskSlice
+from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
+from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
+from diki_edge.errors import BankError
+from diki_edge.gaussian import DEFAULT_RIDGE, GaussianStats
+from diki_edge.layout import layout_for
+from diki_edge.model import DEFAULT_RESIDUAL_LENGTH, DikiCLIP, TaskAdapter
+from diki_edge.progress import make_progress
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5.0
+    min_lr_ratio: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    template: str = DEFAULT_TEMPLATE
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH
+    levels: int = 9
+    ridge: float = DEFAULT_RIDGE
+
+
+@dataclass
+class TrainReport:
+    task: str
+    samples: int
+    skipped: int
+    seconds: float
+    final_loss: float
+    train_accuracy: float
+
+
+def image_transform(backbone: Backbone):
+    """The backbone's own test-time transform (used for training too: statistics must see the same input)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**backbone.preprocess_cfg), is_train=False)
+
+
+def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
+                cfg: TrainConfig, progress=None) -> tuple[TaskAdapter, float, float]:
+    """Train one task's adapter with M = 1; returns it with the last epoch's mean loss and accuracy."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    adapter = TaskAdapter(diki.shape, generator=g)
+    opt = torch.optim.SGD(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * cfg.min_lr_ratio)
+    scale = diki.logit_scale
+    epoch_bar = progress.add_task("epochs", total=cfg.epochs, info="") if progress else None
+    batch_bar = progress.add_task("batches", total=total, info="") if progress else None
+    loss_mean = acc = float("nan")
+    diki.train(False)  # frozen backbone stays in eval mode (no dropout); only the adapter learns
+    for epoch in range(cfg.epochs):
+        losses, correct = [], 0
+        for idx in batches(len(images), cfg.batch_size, g):
+            text = diki.encode_text(tokens, *adapter.text_kv())
+            feats = diki.encode_image(images[idx], *adapter.image_kv())
+            logits = scale * feats @ text.T
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            correct += int((logits.argmax(1) == labels[idx]).sum())
+            if progress:
+                progress.update(batch_bar, advance=1, info=f"loss {losses[-1]:.3f}")
+        loss_mean, acc = sum(losses) / len(losses), correct / len(images)
+        if progress:
+            progress.update(epoch_bar, advance=1, info=f"epoch {epoch + 1}: loss {loss_mean:.3f} acc {acc:.1%}")
+    return adapter, loss_mean, acc
+
+
+@torch.no_grad()
+def frozen_statistics(diki: DikiCLIP, images: torch.Tensor, batch_size: int = 256, progress=None) -> GaussianStats:
+    """Sufficient statistics of the frozen, L2-normalised image embeddings."""
+    stats = GaussianStats.empty(diki.shape.embed_dim)
+    bar = progress.add_task("statistics", total=len(images), info="") if progress else None
+    for chunk in images.split(batch_size):
+        stats.update(diki.encode_image(chunk).double().numpy())
+        if progress:
+            progress.update(bar, advance=len(chunk))
+    return stats
+
+
+def train_task(backbone: Backbone, diki: DikiCLIP, folder: ImageFolder, name: str, cfg: TrainConfig,
+               levels: Sequence[float], progress=None) -> tuple[TaskSlice, TrainReport]:
+    """Everything one task adds to a bank, from an image folder."""
+    start = time.perf_counter()
+    transform = image_transform(backbone)
+    bar = progress.add_task("loading images", total=len(folder), info=str(folder.root)) if progress else None
+    images, labels = load_tensors(folder, transform, (lambda: progress.update(bar, advance=1)) if progress else None)
+    tokens = tokenize(backbone.tokenizer, folder.classes, cfg.template)
+    adapter, loss, acc = fit_adapter(diki, images, labels, tokens, cfg, progress)
+    stats = frozen_statistics(diki, images, progress=progress)
+    with torch.no_grad():
+        table = class_text_table(diki, tokens, adapter.text_k, adapter.text_v, levels)
+    task = TaskSlice(
+        info=TaskInfo(name, list(folder.classes), cfg.template, stats.count,
+                      extra={"train": {k: v for k, v in asdict(cfg).items() if k not in ("template",)}}),
+        image_k=adapter.image_k.detach().numpy().copy(), image_v=adapter.image_v.detach().numpy().copy(),
+        text_k=adapter.text_k.detach().numpy().copy(), text_v=adapter.text_v.detach().numpy().copy(),
+        stats=stats, class_embeds=table.numpy(),
+    )
+    report = TrainReport(name, stats.count, len(folder.skipped), time.perf_counter() - start, loss, acc)
+    return task, report
+
+
+def open_or_create_bank(bank_path: Path, model: str | None, pretrained: str | None, cfg: TrainConfig
+                        ) -> tuple[TaskBank, Backbone, DikiCLIP]:
+    """An existing bank with the backbone it names (or the one given, hash-checked), or a new empty bank."""
+    existing = TaskBank.load(bank_path) if bank_path.exists() else None
+    if existing is not None:
+        spec = existing.layout.backbone
+        backbone = load_backbone(model or spec["model"], pretrained if model else _pretrained_arg(spec))
+        if backbone.weights_sha256 != existing.layout.backbone_hash:
+            raise BankError(f"{bank_path}: bank was trained on another backbone (hash "
+                            f"{existing.layout.backbone_hash[:12]}), the given model has {backbone.weights_sha256[:12]}")
+        lay = existing.layout
+        diki = DikiCLIP(backbone.model, lay.residual_length, lay.image_layers, lay.text_layers)
+        return existing, backbone, diki
+    from diki_edge.backbone import DEFAULT_MODEL
+
+    backbone = load_backbone(model or DEFAULT_MODEL, pretrained)
+    diki = DikiCLIP(backbone.model, cfg.residual_length)
+    layout = layout_for(backbone, diki, calibration_levels(cfg.levels), cfg.ridge)
+    return TaskBank.empty(layout), backbone, diki
+
+
+def _pretrained_arg(spec: dict) -> str | None:
+    p = spec.get("pretrained")
+    return None if p in (None, "bundled", "local-dir") else p
+
+
+def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str, *, model: str | None = None,
+                    pretrained: str | None = None, cfg: TrainConfig | None = None, replace: bool = False,
+                    quiet: bool = False) -> tuple[TaskBank, TrainReport]:
+    """``diki-edge train``: learn ``task_name`` from ``data_dir`` and append it to ``bank_path`` atomically."""
+    cfg = cfg or TrainConfig()
+    bank_path = Path(bank_path)
+    folder = scan_image_folder(data_dir)
+    bank, backbone, diki = open_or_create_bank(bank_path, model, pretrained, cfg)
+    if task_name in bank.task_names and not replace:
+        raise BankError(f"{bank_path}: a task named {task_name!r} exists already (use --replace to retrain it)")
+    torch.manual_seed(cfg.seed)
+    with make_progress(quiet) as progress:
+        task, report = train_task(backbone, diki, folder, task_name, cfg, bank.layout.calibration_levels, progress)
+    new_bank = bank.with_task(task)
+    new_bank.save(bank_path)
+    return new_bank, report
