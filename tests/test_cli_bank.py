@@ -1,0 +1,64 @@
+"""``diki-edge bank show | merge | remove | rename`` through the real CLI, without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diki_edge.bank import TaskBank
+from diki_edge.layout import layout_for
+from diki_edge.model import DikiCLIP
+from diki_edge.synthetic import synthetic_task
+
+
+@pytest.fixture()
+def two_banks(tmp_path, tiny_backbone):
+    diki = DikiCLIP(tiny_backbone.model)
+    layout = layout_for(tiny_backbone, diki)
+    paths = []
+    for i, name in enumerate(["pets", "cars"]):
+        imgs = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+        task = synthetic_task(diki, tiny_backbone.tokenizer, name, [f"{name} {j}" for j in range(2 + i)], imgs,
+                              layout.calibration_levels, seed=i)
+        paths.append(TaskBank.empty(layout).with_task(task).save(tmp_path / f"{name}.safetensors"))
+    return paths
+
+
+def run(*args):
+    env = {**os.environ, "COLUMNS": "150"}
+    return subprocess.run([sys.executable, "-m", "diki_edge.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+def test_show_merge_remove_rename(tmp_path, two_banks):
+    pets, cars = two_banks
+    shown = run("bank", "show", pets)
+    assert shown.returncode == 0 and "pets" in shown.stdout and "pets 1" in shown.stdout
+    merged = tmp_path / "merged.safetensors"
+    assert run("bank", "merge", merged, pets, cars).returncode == 0
+    info = json.loads(run("bank", "show", merged, "--json").stdout)
+    assert [t["name"] for t in info["tasks"]] == ["pets", "cars"] and [t["classes"] for t in info["tasks"]] == [2, 3]
+    again = run("bank", "merge", merged, pets, cars)
+    assert again.returncode == 1 and "exists" in again.stderr
+    clash = run("bank", "merge", tmp_path / "x.safetensors", pets, pets)
+    assert clash.returncode == 1 and "exist in both" in clash.stderr and "Traceback" not in clash.stderr
+    assert run("bank", "rename", merged, "cars", "vehicles").returncode == 0
+    assert TaskBank.load(merged).task_names == ["pets", "vehicles"]
+    assert run("bank", "remove", merged, "pets").returncode == 0
+    assert TaskBank.load(merged).task_names == ["vehicles"]
+    missing = run("bank", "remove", merged, "pets")
+    assert missing.returncode == 1 and "no task named 'pets'" in missing.stderr
+
+
+def test_bank_commands_do_not_import_torch(two_banks):
+    code = ("import sys, runpy; sys.argv=['diki-edge','bank','show',%r];"
+            "import diki_edge.cli as c;\n"
+            "try:\n    c.app()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'") % str(two_banks[0])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
