@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diki_edge.errors import DikiEdgeError
+from diki_edge.runtime.command import predict_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DIKI continual-learning adapters for CLIP: train, export to ONNX, predict torch-free.")
@@ -142,6 +143,25 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
     except DikiEdgeError as exc:
         fail(f"{path}: {exc}")
     err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False)
+
+
+app.command("predict")(predict_command)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for the data, bank, model and samples (replaced)."),
+    order: str = typer.Option("A", help="DCIL task order (A or B)."),
+    epochs: int = typer.Option(10, min=1),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Learn the DCIL tasks on the bundled backbone, export, predict held-out images, print the table."""
+    from diki_edge.demo import run_demo
+
+    try:
+        run_demo(out, order=order, epochs=epochs, quiet=quiet)
+    except DikiEdgeError as exc:
+        fail(str(exc))
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from diki_edge.errors import DataError
 
@@ -65,12 +65,12 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image file to RGB with its EXIF orientation applied (what the runtime does too)."""
+    """Decode an image file to 8-bit RGB with its EXIF orientation applied — the runtime's own conversion, so
+    training and inference see identical pixels."""
+    from diki_edge.runtime.images import to_rgb
+
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode not in ("RGB",):
-            im = im.convert("RGBA").convert("RGB") if "A" in im.getbands() or im.mode == "P" else im.convert("RGB")
-        return im.copy()
+        return to_rgb(im, str(path))
 
 
 def load_tensors(folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor],
