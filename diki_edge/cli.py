@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diki_edge.errors import DikiEdgeError
+from diki_edge.export.command import export_command
 from diki_edge.runtime.command import predict_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -145,6 +146,7 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
     err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False)
 
 
+app.command("export")(export_command)
 app.command("predict")(predict_command)
 
 
