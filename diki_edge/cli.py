@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diki_edge.errors import DikiEdgeError
+from diki_edge.evaluation.command import eval_command
 from diki_edge.export.command import export_command
 from diki_edge.runtime.command import predict_command
 
@@ -148,6 +149,7 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
 
 app.command("export")(export_command)
 app.command("predict")(predict_command)
+app.command("eval")(eval_command)
 
 
 @app.command()

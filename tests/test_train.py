@@ -134,3 +134,35 @@ def test_progress_bars_and_quiet(tmp_path, tiny_model_spec):
                               str(tmp_path / "missing"), "--model", tiny_model_spec), capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 1 and "data folder not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_learning_a_real_task_works_and_its_images_are_familiar(tmp_path):
+    """Textures (scikit-image, a domain the bundled backbone never saw; 5 classes, chance 20 %): zero-shot 9.3 %;
+    after 10 epochs (lr 50, batch 64) the calibrated model reached 44.7 % on the held-out right halves of the
+    pictures; textures images got mean M 0.77, MNIST images (another task's domain) 0.06."""
+    from diki_edge.calibrated import CalibratedDiki, bank_tensors, tokenize
+    from diki_edge.datasets import make_task, write_image_folder
+    from diki_edge.model import DikiCLIP
+    from diki_edge.train import image_transform
+
+    textures, mnist = make_task("textures"), make_task("mnist")
+    write_image_folder(textures, tmp_path / "textures")
+    bank, report = train_into_bank(tmp_path / "bank.safetensors", tmp_path / "textures", "textures",
+                                   cfg=TrainConfig(epochs=10, batch_size=64, lr=50.0), quiet=True)
+    backbone = load_backbone()  # the bundled diki-tiny, as the bank says
+    assert bank.layout.backbone_hash == backbone.weights_sha256
+    diki = DikiCLIP(backbone.model)
+    transform = image_transform(backbone)
+    x = torch.stack([transform(im) for im, _ in textures.test])
+    y = torch.tensor([label for _, label in textures.test])
+    x_other = torch.stack([transform(im) for im, _ in mnist.test])
+    with torch.no_grad():
+        text = diki.encode_text(tokenize(backbone.tokenizer, textures.class_names, textures.template))
+        untrained = float(((diki.encode_image(x) @ text.T).argmax(1) == y).float().mean())
+        model = CalibratedDiki(diki).eval()
+        own = model(x, **bank_tensors(bank))
+        other = model(x_other, **bank_tensors(bank))
+    trained = float((own.logits.argmax(1) == y).float().mean())
+    assert untrained < 0.2
+    assert trained > 0.3 and trained > untrained + 0.15, (untrained, trained)
+    assert float(own.weight.mean()) > 0.5 > float(other.weight.mean()) + 0.3

@@ -1,0 +1,217 @@
+"""``python -m benchmarks [--quick | --tiny] [--only NAME ...] [--provider cpu|cuda] [--threads N] [--out DIR]``
+
+Runs the measurements of issue 6 (see benchmarks/README section in the project README), prints one rich table per
+measurement and a summary of targets met / missed, and writes ``<out>/<name>.json`` (default
+``benchmarks/results/``) plus ``<out>/summary.json``, each with the machine description.
+
+* ``--quick``: ViT-B/32 only, fewer repeats and task counts (<= 3 minutes on 2 cores once the cache is warm);
+* ``--tiny``: the tiny test backbone of tests/conftest.py (the smoke test; figures are meaningless);
+* other engineers' scripts (``bench_skip_pass.py``, ``bench_bank_swap.py``, ``export_full_size.py``) run with
+  ``--with-external`` or when named by ``--only``: through their ``run(quick: bool) -> dict`` if they have one,
+  else as a subprocess with their own defaults (``--quick`` passed only if the script's ``--help`` offers it).
+  They are not in the default run because they build their own banks and exports (minutes each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.common import (REPO, RESULTS_DIR, SCHEMA_VERSION, Config, machine_info, machine_line, make_result,
+                               mark, render, run_measured, write_result)
+
+# (name, module, issue-table number); the order of the run
+OWN = [
+    ("params", "benchmarks.bench_params", 9),
+    ("latency", "benchmarks.bench_latency", 1),
+    ("calibration_overhead", "benchmarks.bench_calibration_overhead", 2),
+    ("text_table", "benchmarks.bench_text_table", 3),
+    ("reexport", "benchmarks.bench_reexport", 4),
+    ("scaling", "benchmarks.bench_scaling", 5),
+    ("cold_start", "benchmarks.bench_cold_start", 6),  # also #7 (peak RSS)
+    ("int8", "benchmarks.bench_int8", 8),
+]
+# Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
+EXTERNAL = [
+    ("skip_pass", "bench_skip_pass.py"),
+    ("bank_swap_runtime", "bench_bank_swap.py"),
+    ("export_full_size", "export_full_size.py"),
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="ViT-B/32 only, fewer repeats (<= 3 min)")
+    mode.add_argument("--tiny", action="store_true", help="tiny random backbone: smoke test of the harness")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only this measurement (repeatable): " + ", ".join(n for n, _, _ in OWN)
+                    + ", " + ", ".join(n for n, _ in EXTERNAL))
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="threads for ONNX Runtime and PyTorch (0: all usable)")
+    ap.add_argument("--model", action="append", default=[], help="backbone(s) instead of the default ones")
+    ap.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+    ap.add_argument("--cache", type=Path, default=None, help="cache folder for banks and exports")
+    ap.add_argument("--with-external", action="store_true", help="also run the other engineers' scripts")
+    ap.add_argument("--list", action="store_true", help="list the measurements and exit")
+    return ap.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    kw: dict[str, Any] = {"threads": args.threads, "provider": args.provider}
+    if args.cache is not None:
+        kw["cache_dir"] = args.cache
+    if args.tiny:
+        from benchmarks.world import tiny_model_dir
+
+        cache = args.cache or Path(Config().cache_dir)
+        spec = f"local-dir:{tiny_model_dir(cache)}"
+        cfg = Config.tiny_mode(spec, **kw)
+    elif args.quick:
+        cfg = Config.quick_mode(**kw)
+    else:
+        cfg = Config.full(**kw)
+    if args.model:
+        cfg.models = list(args.model)
+        cfg.reference_model = args.model[0]
+    cfg.out_dir = args.out or (RESULTS_DIR / ("tiny" if args.tiny else "quick" if args.quick else ""))
+    return cfg
+
+
+def run_own(name: str, module: str, number: int, cfg: Config) -> dict[str, Any]:
+    mod = importlib.import_module(module)
+    result = mod.measure(cfg)
+    result["number"] = number
+    return result
+
+
+def run_external(name: str, script: str, cfg: Config) -> dict[str, Any] | None:
+    path = REPO / "benchmarks" / script
+    if not path.is_file():
+        return None
+    modname = f"benchmarks.{path.stem}"
+    t0 = time.perf_counter()
+    mod = importlib.import_module(modname)
+    if callable(getattr(mod, "run", None)):
+        raw = mod.run(cfg.quick)
+        how = f"{modname}.run(quick={cfg.quick})"
+    else:
+        import subprocess
+
+        helptext = subprocess.run([sys.executable, "-m", modname, "--help"], capture_output=True, text=True,
+                                  cwd=REPO).stdout
+        cmd = [sys.executable, "-m", modname] + (["--quick"] if cfg.quick and "--quick" in helptext else [])
+        proc = run_measured(cmd, timeout=1800)
+        raw = {"returncode": proc.returncode, "stdout_tail": proc.stdout[-4000:], "stderr_tail": proc.stderr[-2000:]}
+        how = " ".join(cmd[1:])
+    if isinstance(raw, dict) and isinstance(raw.get("rows"), list) and "target" in raw:
+        result = dict(raw)
+        result.setdefault("schema_version", SCHEMA_VERSION)
+        result.setdefault("name", name)
+        result.setdefault("columns", sorted({k for r in raw["rows"] for k in r if k not in ("met", "data")}))
+        result.setdefault("notes", [])
+        result.setdefault("met", None)
+        result.setdefault("title", name)
+    else:
+        rows = [{"key": k, "value": _short(v)} for k, v in (raw.items() if isinstance(raw, dict) else [])]
+        result = make_result(name, f"{script} (owned by another engineer; reported as is)", "report",
+                             ["key", "value"], rows, notes=[f"ran: {how}"], extra={"raw": raw})
+    result["number"] = result.get("number", "ext")
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for n, m, num in OWN:
+            print(f"#{num}\t{n}\t{m}")
+        for n, s in EXTERNAL:
+            print(f"ext\t{n}\tbenchmarks/{s}{'' if (REPO / 'benchmarks' / s).is_file() else ' (absent)'}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # logs and CI: wide tables instead of 80-column wrapping
+        console = Console(width=200)
+    cfg = build_config(args)
+    machine = machine_info()
+    console.print(f"[bold]diki-edge benchmarks[/bold] ({'tiny' if cfg.tiny else 'quick' if cfg.quick else 'full'}) "
+                  f"models {cfg.models}, {cfg.n_threads} threads, provider {cfg.provider}")
+    console.print(f"[dim]machine: {machine_line(machine)}[/dim]")
+    wanted = set(args.only)
+    known = {n for n, _, _ in OWN} | {n for n, _ in EXTERNAL}
+    unknown = wanted - known
+    if unknown:
+        console.print(f"[red]unknown measurement(s) {sorted(unknown)}; known: {sorted(known)}[/red]")
+        return 2
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: list[dict[str, Any]] = []
+    t_all = time.perf_counter()
+    jobs: list[tuple[str, Any]] = [(n, ("own", m, num)) for n, m, num in OWN if not wanted or n in wanted]
+    if not cfg.tiny:
+        jobs += [(n, ("ext", s)) for n, s in EXTERNAL if n in wanted or (args.with_external and not wanted)]
+    for name, job in jobs:
+        t0 = time.perf_counter()
+        try:
+            if job[0] == "own":
+                result = run_own(name, job[1], job[2], cfg)
+            else:
+                result = run_external(name, job[1], cfg)
+                if result is None:
+                    continue
+        except Exception as exc:  # one broken measurement must not lose the others
+            console.print(f"[red]{name} failed: {type(exc).__name__}: {exc}[/red]")
+            result = make_result(name, name, "(failed)", ["error"], [{"error": f"{type(exc).__name__}: {exc}",
+                                                                       "met": False}],
+                                 extra={"traceback": traceback.format_exc()})
+            result["number"] = job[2] if job[0] == "own" else "ext"
+        result.setdefault("seconds", round(time.perf_counter() - t0, 1))
+        result["machine"] = machine
+        result["config"] = cfg.to_json()
+        result["command"] = command
+        result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        path = write_result(result, cfg.out_dir)
+        render(result, console)
+        console.print(f"[dim]  ({result['seconds']} s) -> {path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
+                      "[/dim]\n")
+        results.append(result)
+
+    summary = Table(title="summary: targets", title_justify="left")
+    for col in ("#", "measurement", "target", "result", "s"):
+        summary.add_column(col)
+    for r in results:
+        summary.add_row(str(r.get("number", "")), r["title"], r["target"], mark(r["met"]), str(r.get("seconds", "")))
+    console.print(summary)
+    total = round(time.perf_counter() - t_all, 1)
+    missed = [r["name"] for r in results if r["met"] is False]
+    console.print(f"{len(results)} measurements in {total} s; "
+                  + (f"[red]missed: {', '.join(missed)}[/red]" if missed else "[green]no target missed[/green]"))
+    write_result({"schema_version": SCHEMA_VERSION, "name": "summary", "command": command, "seconds": total,
+                  "machine": machine, "config": cfg.to_json(),
+                  "results": [{"name": r["name"], "number": r.get("number"), "title": r["title"],
+                               "target": r["target"], "met": r["met"], "seconds": r.get("seconds")}
+                              for r in results]}, cfg.out_dir)
+    if cfg.tiny:
+        console.print("[dim]--tiny: a smoke test of the harness; the figures and targets mean nothing here[/dim]")
+        return 0
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

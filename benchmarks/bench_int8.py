@@ -1,0 +1,85 @@
+"""#8 Reduced-precision variants vs fp32: int8 on the CPU (dynamic quantisation), fp16 only with CUDA.
+
+Both graphs come from ``export_model(precision=...)`` of the same bank (the int8 one has passed the exporter's
+own validation against fp32). Graph runs on the same preprocessed familiar images (both passes run), sessions
+configured like the runtime's, interleaved. Agreement over familiar and unfamiliar images: selected task, top-1
+class, minimum cosine of the final embeddings. Target: report the int8 speed-up and top-1 agreement; fp16 only
+when a GPU is lent (``--provider cuda``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Config, make_result, ort_session, ratio, time_side_by_side
+from benchmarks.world import get_world
+
+NAME = "int8"
+TITLE = "int8 (CPU) / fp16 (CUDA) graphs vs fp32"
+TARGET = "int8: speed-up and top-1 agreement; fp16 when a GPU is lent"
+
+
+def outputs(sess, pixels: np.ndarray, bank: dict[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    parts = [dict(zip(names, sess.run(None, {"pixel_values": pixels[i:i + batch], **bank})))
+             for i in range(0, len(pixels), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in names}
+
+
+def measure(cfg: Config) -> dict[str, Any]:
+    model = cfg.reference_model
+    w = get_world(cfg, model)
+    variants = ["int8"] + (["fp16"] if cfg.provider == "cuda" else [])
+    bank = w.bank.graph_inputs()
+    sessions = {"fp32": ort_session(w.exported("fp32") / "model.onnx", cfg.n_threads, cfg.provider)}
+    for v in variants:
+        sessions[v] = ort_session(w.exported(v) / "model.onnx", cfg.n_threads, cfg.provider)
+    rows, notes = [], []
+    n_each = 8 if cfg.quick else 16
+    pix = w.pixels(w.familiar[:n_each] + w.unfamiliar[:n_each]).numpy()
+    outs = {k: outputs(s, pix, bank) for k, s in sessions.items()}
+    ref = outs["fp32"]
+    for batch in cfg.batches:
+        fam = w.pixels(w.familiar[:batch]).numpy()
+        t = time_side_by_side({k: (lambda s=s: s.run(None, {"pixel_values": fam, **bank}))
+                               for k, s in sessions.items()}, cfg.warmup, cfg.repeats)
+        for v in variants:
+            r = ratio(t["fp32"], t[v])
+            o = outs[v]
+            cos = np.sum(o["image_embeds"] * ref["image_embeds"], -1) / (
+                np.linalg.norm(o["image_embeds"], axis=-1) * np.linalg.norm(ref["image_embeds"], axis=-1))
+            n = len(pix)
+            task_agree = int(np.sum(o["task"] == ref["task"]))
+            top1_agree = int(np.sum(o["logits"].argmax(-1) == ref["logits"].argmax(-1)))
+            size = {k: (w.exported(k) / "model.onnx").stat().st_size / 2**20 for k in ("fp32", v)}
+            rows.append({
+                "model": model.split("/")[-1], "variant": v, "batch": batch,
+                "fp32": t["fp32"].fmt(), "reduced": t[v].fmt(),
+                "speed-up": f"{r['of_medians']:.2f}x (rounds {r['round_min']:.2f}–{r['round_max']:.2f})",
+                "agreement (fam+unf)": f"task {task_agree}/{n}, top-1 {top1_agree}/{n}, min cos {cos.min():.4f}",
+                "graph size": f"{size[v]:.0f} vs {size['fp32']:.0f} MiB",
+                "met": None,
+                "data": {"fp32": t["fp32"].to_json(), v: t[v].to_json(), "ratio": r, "task_agree": task_agree,
+                         "top1_agree": top1_agree, "n": n, "min_cosine": float(cos.min()),
+                         "mean_cosine": float(cos.mean()), "size_mib": size},
+            })
+    if cfg.provider != "cuda":
+        rows.append({"model": model.split("/")[-1], "variant": "fp16", "batch": "-", "fp32": "", "reduced": "",
+                     "speed-up": "n/a: no GPU lent (CPU has no fp16 kernels worth timing)",
+                     "agreement (fam+unf)": "", "graph size": "", "met": None})
+    notes.append("int8 = ONNX Runtime dynamic quantisation of the encoder MatMul/Gemm weights (per channel), "
+                 "activations quantised per call; Gaussian scoring and class table stay float32")
+    cols = ["model", "variant", "batch", "fp32", "reduced", "speed-up", "agreement (fam+unf)", "graph size"]
+    return make_result(NAME, TITLE, TARGET, cols, rows, notes, extra={"model": model})
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    return measure(Config.quick_mode() if quick else Config.full())
+
+
+if __name__ == "__main__":
+    from benchmarks.common import render
+
+    render(run())

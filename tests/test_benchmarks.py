@@ -1,0 +1,84 @@
+"""Smoke test of the benchmark harness (``python -m benchmarks --tiny``): every measurement runs end to end on the
+tiny random backbone and writes JSON of the documented schema. No timing assertions: the figures of a tiny model
+on a shared machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+
+from benchmarks.__main__ import OWN, main  # noqa: E402
+
+MACHINE_KEYS = {"cpu_model", "usable_cores", "logical_cpus", "memory_gib", "python", "torch_version",
+                "onnxruntime_version", "numpy_version", "open_clip_version", "loadavg_at_start"}
+RESULT_KEYS = {"schema_version", "name", "title", "target", "columns", "rows", "met", "notes", "number",
+               "seconds", "machine", "config", "command", "finished"}
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    cache = tmp_path_factory.mktemp("bench-cache")
+    t0 = time.perf_counter()
+    code = main(["--tiny", "--out", str(out), "--cache", str(cache)])
+    return out, code, time.perf_counter() - t0
+
+
+def test_tiny_run_completes(tiny_results):
+    out, code, seconds = tiny_results
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["results"]] == [n for n, _, _ in OWN]
+    assert summary["config"]["tiny"] is True
+    assert MACHINE_KEYS <= set(summary["machine"])
+    failed = [r["name"] for r in summary["results"] if r["target"] == "(failed)"]
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in OWN])
+def test_result_schema(tiny_results, name):
+    out, _, _ = tiny_results
+    res = json.loads((out / f"{name}.json").read_text())
+    assert RESULT_KEYS <= set(res), RESULT_KEYS - set(res)
+    assert res["schema_version"] == 1 and res["name"] == name
+    assert res["met"] in (True, False, None)
+    assert isinstance(res["columns"], list) and res["columns"]
+    assert isinstance(res["rows"], list) and res["rows"]
+    for row in res["rows"]:
+        assert set(res["columns"]) <= set(row), (name, set(res["columns"]) - set(row))
+        assert row["met"] in (True, False, None)
+    assert MACHINE_KEYS <= set(res["machine"])
+    assert res["command"].startswith("python -m benchmarks")
+    assert all(isinstance(n, str) for n in res["notes"])
+
+
+def test_timings_carry_min_median_max(tiny_results):
+    out, _, _ = tiny_results
+    res = json.loads((out / "latency.json").read_text())
+    for row in res["rows"]:
+        for side in ("onnxruntime", "pytorch"):
+            t = row["data"][side]
+            assert t["unit"] == "ms" and t["n"] == len(t["samples"]) >= 1
+            assert t["min"] <= t["median"] <= t["max"]
+
+
+def test_runtime_does_not_import_torch(tiny_results):
+    out, _, _ = tiny_results
+    res = json.loads((out / "cold_start.json").read_text())
+    check = [r for r in res["rows"] if r["path"].startswith("#6")][0]
+    assert check["data"]["heavy_imports"] == []
+    rss = [r for r in res["rows"] if r["path"].startswith("#7")][0]
+    assert rss["data"]["rss_ratio"] > 0
+
+
+def test_params_figure_matches_issue():
+    from benchmarks.bench_params import count
+
+    assert count("ViT-B-16", 11)["per_task"] == 163_840
