@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env demo test bench bench-quick clean
+.PHONY: env demo test bench bench-quick clean system-data
 
 env: $(VENV)/.installed
 
@@ -21,8 +21,15 @@ $(VENV)/.installed: pyproject.toml
 demo: env
 	$(BIN)/diki-edge demo --out demo-out
 
-test: env
+test: env system-data
 	$(BIN)/python -m pytest -q
+
+# Debian's Fashion-MNIST and Noto emoji (read by the dataset tests); installed when missing and apt is usable.
+system-data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null; \
+	  else echo "note: apt-get install dataset-fashion-mnist fonts-noto-color-emoji to run every dataset test"; fi; fi
 
 bench: env
 	$(BIN)/python -m benchmarks

@@ -128,4 +128,25 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, 
         spec["pretrained"] = "bundled"
     elif is_local_dir:
         spec["pretrained"] = "local-dir"
-    return Backbone(clip, tokenizer, preprocess_cfg, spec, weights_hash(clip))
+    extra = _local_dir_extras(name) if is_local_dir else {}
+    return Backbone(clip, tokenizer, preprocess_cfg, spec, weights_hash(clip), extra)
+
+
+def _local_dir_extras(name: str) -> dict[str, Any]:
+    """The ``diki_edge`` section of a local-dir ``open_clip_config.json`` (e.g. a recommended training lr)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    section = cfg.get("diki_edge", {})
+    return section if isinstance(section, dict) else {}
+
+
+REFERENCE_LR = 5.0
+
+
+def recommended_lr(backbone: Backbone) -> float:
+    """DIKI's reference SGD lr (5.0, for CLIP's logit scale 100) unless the backbone's config recommends another."""
+    return float(backbone.extra.get("train_lr", REFERENCE_LR))

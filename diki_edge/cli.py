@@ -46,7 +46,8 @@ def train(
                                                         "or 'random'."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(5.0, help="SGD learning rate (the reference uses 5.0), cosine to lr*1e-3."),
+    lr: Optional[float] = typer.Option(None, help="SGD learning rate, cosine to lr*1e-3 (default: the reference's "
+                                                  "5.0, or the backbone's recommendation: 50 for diki-tiny)."),
     template: str = typer.Option("a photo of a {}.", help="Prompt template; {} is the class name."),
     seed: int = typer.Option(0),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),

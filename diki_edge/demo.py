@@ -135,9 +135,9 @@ def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: in
         ok = rec["ok"] and true_task == rec["task"] and pred == true_class
         table.add_row(Path(rec["input"]).name, true_task, true_class, str(rec["task"]),
                       f"{rec['weight']:.3f}" if rec["ok"] else "-", f"[{'green' if ok else 'red'}]{pred}[/]")
-    Console().print(table)
+    Console(width=140).print(table)
 
     _step("5/5 accuracy on every task's test split")
     predictor = Predictor(out / "model", provider="cpu")
-    Console().print(_accuracy_table(predictor, tasks, _zero_shot(tasks)))
+    Console(width=140).print(_accuracy_table(predictor, tasks, _zero_shot(tasks)))
     console.print(f"demo finished in {time.perf_counter() - start:.0f}s; outputs in {out}", highlight=False)

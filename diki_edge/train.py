@@ -35,7 +35,7 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 5.0
+    lr: float | None = None  # None: backbone.recommended_lr (the reference's 5.0 unless the backbone says)
     min_lr_ratio: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
@@ -65,6 +65,8 @@ def image_transform(backbone: Backbone):
 def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
                 cfg: TrainConfig, progress=None) -> tuple[TaskAdapter, float, float]:
     """Train one task's adapter with M = 1; returns it with the last epoch's mean loss and accuracy."""
+    if cfg.lr is None:
+        raise ValueError("TrainConfig.lr must be resolved (train_into_bank uses the backbone's recommended lr)")
     g = torch.Generator().manual_seed(cfg.seed)
     adapter = TaskAdapter(diki.shape, generator=g)
     opt = torch.optim.SGD(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -168,6 +170,12 @@ def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str,
     bank, backbone, diki = open_or_create_bank(bank_path, model, pretrained, cfg)
     if task_name in bank.task_names and not replace:
         raise BankError(f"{bank_path}: a task named {task_name!r} exists already (use --replace to retrain it)")
+    if cfg.lr is None:
+        from dataclasses import replace as _replace
+
+        from diki_edge.backbone import recommended_lr
+
+        cfg = _replace(cfg, lr=recommended_lr(backbone))
     torch.manual_seed(cfg.seed)
     with make_progress(quiet) as progress:
         task, report = train_task(backbone, diki, folder, task_name, cfg, bank.layout.calibration_levels, progress)
