@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from diki_edge.backbone import Backbone, load_backbone
+from diki_edge.backbone import Backbone, load_backbone, recommended_lr
 from diki_edge.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
 from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
@@ -66,7 +66,7 @@ def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, toke
                 cfg: TrainConfig, progress=None) -> tuple[TaskAdapter, float, float]:
     """Train one task's adapter with M = 1; returns it with the last epoch's mean loss and accuracy."""
     if cfg.lr is None:
-        raise ValueError("TrainConfig.lr must be resolved (train_into_bank uses the backbone's recommended lr)")
+        raise ValueError("TrainConfig.lr must be resolved (train_task uses the backbone's recommended lr)")
     g = torch.Generator().manual_seed(cfg.seed)
     adapter = TaskAdapter(diki.shape, generator=g)
     opt = torch.optim.SGD(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,6 +115,8 @@ def train_task(backbone: Backbone, diki: DikiCLIP, folder: ImageFolder, name: st
                levels: Sequence[float], progress=None) -> tuple[TaskSlice, TrainReport]:
     """Everything one task adds to a bank, from an image folder."""
     start = time.perf_counter()
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=recommended_lr(backbone))
     transform = image_transform(backbone)
     bar = progress.add_task("loading images", total=len(folder), info=str(folder.root)) if progress else None
     images, labels = load_tensors(folder, transform, (lambda: progress.update(bar, advance=1)) if progress else None)
@@ -170,12 +172,6 @@ def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str,
     bank, backbone, diki = open_or_create_bank(bank_path, model, pretrained, cfg)
     if task_name in bank.task_names and not replace:
         raise BankError(f"{bank_path}: a task named {task_name!r} exists already (use --replace to retrain it)")
-    if cfg.lr is None:
-        from dataclasses import replace as _replace
-
-        from diki_edge.backbone import recommended_lr
-
-        cfg = _replace(cfg, lr=recommended_lr(backbone))
     torch.manual_seed(cfg.seed)
     with make_progress(quiet) as progress:
         task, report = train_task(backbone, diki, folder, task_name, cfg, bank.layout.calibration_levels, progress)
