@@ -29,28 +29,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-TINY_MODEL_CFG = {  # tests/conftest.py's tiny open_clip configuration
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 3},
-}
-TINY_PREPROCESS_CFG = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
-                       "resize_mode": "shortest"}
-
-
 def tiny_spec(root: Path) -> str:
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    from diki_edge.testing import write_tiny_model_dir
 
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_MODEL_CFG)
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG,
-                                                             "preprocess_cfg": TINY_PREPROCESS_CFG}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "open_clip_model.safetensors"))
-    return f"local-dir:{root}"
+    return f"local-dir:{write_tiny_model_dir(root)}"
 
 
 def make_banks(spec: str, tasks: int, classes_per_task: int, work: Path) -> tuple[Path, Path, dict]:

@@ -23,17 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA_VERSION = 1
 
-# The tiny open_clip configuration of tests/conftest.py (kept in sync by hand; used by `--tiny`).
-TINY_MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 3},
-}
-TINY_PREPROCESS_CFG = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
-                       "resize_mode": "shortest"}
-
-
 # --------------------------------------------------------------------------------------------- configuration
 @dataclass
 class Config:

@@ -28,25 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Config, TINY_MODEL_CFG, TINY_PREPROCESS_CFG
+from benchmarks.common import Config
 
 
 def tiny_model_dir(root: Path) -> Path:
     """An open_clip ``local-dir:`` folder with the tiny test configuration (random weights, seed 0)."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    from diki_edge.testing import write_tiny_model_dir
 
     path = root / "tiny-clip"
     if (path / "open_clip_model.safetensors").is_file():
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_MODEL_CFG)
-    (path / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
-    return path
+    return write_tiny_model_dir(path)
 
 
 def class_split(total: int, tasks: int) -> list[int]:

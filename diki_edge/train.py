@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,28 +62,26 @@ def image_transform(backbone: Backbone):
     return image_transform_v2(PreprocessCfg(**backbone.preprocess_cfg), is_train=False)
 
 
-def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
-                cfg: TrainConfig, progress=None) -> tuple[TaskAdapter, float, float]:
-    """Train one task's adapter with M = 1; returns it with the last epoch's mean loss and accuracy."""
-    if cfg.lr is None:
-        raise ValueError("TrainConfig.lr must be resolved (train_task uses the backbone's recommended lr)")
-    g = torch.Generator().manual_seed(cfg.seed)
-    adapter = TaskAdapter(diki.shape, generator=g)
-    opt = torch.optim.SGD(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * cfg.min_lr_ratio)
-    scale = diki.logit_scale
-    epoch_bar = progress.add_task("epochs", total=cfg.epochs, info="") if progress else None
+def cross_entropy_loop(opt: torch.optim.Optimizer, logits_fn: Callable[[torch.Tensor], torch.Tensor],
+                       labels: torch.Tensor, epochs: int, batch_size: int, generator: torch.Generator,
+                       min_lr_ratio: float = 1e-3, progress=None) -> tuple[float, float]:
+    """Cross-entropy over shuffled mini-batches with a cosine schedule to ``lr * min_lr_ratio``.
+
+    ``logits_fn(idx)`` returns the logits of the samples ``idx``. Shared by DIKI's adapters and the evaluation
+    baselines so that every method trains with the same batching and schedule. Returns the last epoch's mean
+    loss and accuracy.
+    """
+    n = len(labels)
+    total = max(1, epochs * math.ceil(n / batch_size))
+    lr = opt.param_groups[0]["lr"]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=lr * min_lr_ratio)
+    epoch_bar = progress.add_task("epochs", total=epochs, info="") if progress else None
     batch_bar = progress.add_task("batches", total=total, info="") if progress else None
     loss_mean = acc = float("nan")
-    diki.train(False)  # frozen backbone stays in eval mode (no dropout); only the adapter learns
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         losses, correct = [], 0
-        for idx in batches(len(images), cfg.batch_size, g):
-            text = diki.encode_text(tokens, *adapter.text_kv())
-            feats = diki.encode_image(images[idx], *adapter.image_kv())
-            logits = scale * feats @ text.T
+        for idx in batches(n, batch_size, generator):
+            logits = logits_fn(idx)
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,10 +91,29 @@ def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, toke
             correct += int((logits.argmax(1) == labels[idx]).sum())
             if progress:
                 progress.update(batch_bar, advance=1, info=f"loss {losses[-1]:.3f}")
-        loss_mean, acc = sum(losses) / len(losses), correct / len(images)
+        loss_mean, acc = sum(losses) / len(losses), correct / n
         if progress:
             progress.update(epoch_bar, advance=1, info=f"epoch {epoch + 1}: loss {loss_mean:.3f} acc {acc:.1%}")
-    return adapter, loss_mean, acc
+    return loss_mean, acc
+
+
+def fit_adapter(diki: DikiCLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
+                cfg: TrainConfig, progress=None) -> tuple[TaskAdapter, float, float]:
+    """Train one task's adapter with M = 1; returns it with the last epoch's mean loss and accuracy."""
+    if cfg.lr is None:
+        raise ValueError("TrainConfig.lr must be resolved (train_task uses the backbone's recommended lr)")
+    g = torch.Generator().manual_seed(cfg.seed)
+    adapter = TaskAdapter(diki.shape, generator=g)
+    opt = torch.optim.SGD(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale = diki.logit_scale
+    diki.train(False)  # frozen backbone stays in eval mode (no dropout); only the adapter learns
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        text = diki.encode_text(tokens, *adapter.text_kv())
+        return scale * diki.encode_image(images[idx], *adapter.image_kv()) @ text.T
+
+    loss, acc = cross_entropy_loop(opt, logits, labels, cfg.epochs, cfg.batch_size, g, cfg.min_lr_ratio, progress)
+    return adapter, loss, acc
 
 
 @torch.no_grad()

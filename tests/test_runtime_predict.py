@@ -7,7 +7,6 @@ of real scikit-image photographs so that images of those photographs are familia
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

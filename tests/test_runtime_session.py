@@ -86,7 +86,7 @@ def test_missing_onnxruntime_says_how_to_install(tmp_path):
 
 
 def test_cpu_session_reports_providers(tmp_path):
-    from diki_edge.runtime.session import BankHandle, Session
+    from diki_edge.runtime.session import Session
 
     sess = Session(_identity_model(tmp_path / "m.onnx"), provider="cpu", threads=1)
     assert sess.providers == ["CPUExecutionProvider"]

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from diki_edge.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge.calibrated import (DEFAULT_SKIP_BELOW, CalibratedDiki, calibration_levels, class_text_table,
                                   gaussian_scores, interpolate_class_table, tokenize)
-from diki_edge.data import batches
 from diki_edge.evaluation.baselines import PromptedCLIP, TaskPrompts
 from diki_edge.evaluation.tasks import EvalTask
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
-from diki_edge.train import TrainConfig, fit_adapter, frozen_statistics
+from diki_edge.train import TrainConfig, cross_entropy_loop, fit_adapter, frozen_statistics
 
 CHUNK = 128  # images per encoder call in evaluation
 
@@ -91,31 +90,11 @@ def _encode_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else torch.zeros(0)
 
 
-def _cosine_schedule(opt: torch.optim.Optimizer, total: int, min_ratio: float = 1e-3):
-    lr = opt.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=lr * min_ratio)
-
-
 def _fit(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
          logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, schedule: Schedule) -> tuple[float, float]:
-    """Cross-entropy training loop shared by the baselines (same batching as ``diki_edge.train.fit_adapter``)."""
+    """The baselines train with DIKI's own loop (same batching and cosine schedule)."""
     g = torch.Generator().manual_seed(schedule.seed)
-    n = len(labels)
-    sched = _cosine_schedule(opt, schedule.epochs * math.ceil(n / schedule.batch_size))
-    loss_mean = acc = float("nan")
-    for _ in range(schedule.epochs):
-        losses, correct = [], 0
-        for idx in batches(n, schedule.batch_size, g):
-            logits = logits_fn(idx)
-            loss = F.cross_entropy(logits, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            correct += int((logits.argmax(1) == labels[idx]).sum())
-        loss_mean, acc = sum(losses) / len(losses), correct / n
-    return loss_mean, acc
+    return cross_entropy_loop(opt, logits_fn, labels, schedule.epochs, schedule.batch_size, g)
 
 
 def _time_per_image(run_batch: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch_size: int) -> float:

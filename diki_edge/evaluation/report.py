@@ -156,7 +156,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
             sel = rec["methods"][key].get("selection_accuracy")
             if sel:
                 last = [v for v in sel[-1] if v is not None]
-                out += [f"Task-selection accuracy after the last task (learned tasks' test images): "
+                out += ["Task-selection accuracy after the last task (learned tasks' test images): "
                         + ", ".join(f"{t} {_f(v)}" for t, v in zip(rec["tasks"], sel[-1])) +
                         f" (mean {_f(float(np.mean(last)))}).", ""]
             w = rec["methods"][key].get("holdout_mean_weight")

@@ -323,7 +323,6 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     steps = _Steps(quiet)
     console = steps.console
 
-    import numpy as np
     import torch
 
     from diki_edge.bank import TaskBank

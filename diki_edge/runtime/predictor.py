@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from diki_edge.bank import BankLayout, TaskBank
-from diki_edge.errors import BankError, DikiEdgeError, RuntimeSetupError
+from diki_edge.errors import BankError, RuntimeSetupError
 from diki_edge.runtime.images import DEFAULT_MAX_PIXELS, ImageError, ImageInput, describe_input, load_rgb
 from diki_edge.runtime.preprocess import Preprocess
 from diki_edge.runtime.session import BankHandle, Session, numpy_dtype
