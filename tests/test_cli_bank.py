@@ -62,3 +62,26 @@ def test_bank_commands_do_not_import_torch(two_banks):
             "assert 'torch' not in sys.modules, 'torch was imported'") % str(two_banks[0])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+NO_TORCH = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _Missing())
+from diki_edge.cli import main
+main()
+"""
+
+
+def test_training_commands_on_a_runtime_only_install_say_which_extra(tmp_path):
+    """Without torch (the base + cpu install), train/export explain the missing extra instead of a traceback."""
+    for args in (["train", "--bank", str(tmp_path / "b.safetensors"), "--task", "t", "--data", str(tmp_path)],
+                 ["export", "--bank", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "m")]):
+        r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 2, r.stderr
+        assert "pip install 'diki-edge[train]'" in r.stderr and "Traceback" not in r.stderr
