@@ -50,6 +50,8 @@ def train(
                                                   "5.0, or the backbone's recommendation: 50 for diki-tiny)."),
     template: str = typer.Option("a photo of a {}.", help="Prompt template; {} is the class name."),
     seed: int = typer.Option(0),
+    ridge: float = typer.Option(1e-7, min=0.0, help="Covariance ridge (a new bank only; a bank keeps its own)."),
+    levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -58,7 +60,8 @@ def train(
 
     if "{}" not in template:
         fail(f"--template {template!r} has no '{{}}' for the class name", 2)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
+                      levels=levels)
     try:
         new_bank, report = train_into_bank(bank, data, task, model=model, pretrained=pretrained, cfg=cfg,
                                            replace=replace, quiet=quiet)
