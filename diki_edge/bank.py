@@ -60,6 +60,8 @@ TASK_ARRAYS = (
     "stats_outer",
 )
 CLASS_ARRAYS = ("class_embeds", "class_task")
+# What the exported graph consumes; a runtime loads only these (``TaskBank.load(..., graph_only=True)``).
+GRAPH_ARRAYS = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
 ARRAY_DTYPES = {
     "bank_k": np.float32,
     "bank_v": np.float32,
@@ -168,10 +170,13 @@ class TaskSlice:
 class TaskBank:
     """An in-memory bank: layout + per-task metadata + stacked arrays. Immutable operations return new banks."""
 
-    def __init__(self, layout: BankLayout, tasks: list[TaskInfo], arrays: dict[str, np.ndarray]):
+    def __init__(self, layout: BankLayout, tasks: list[TaskInfo], arrays: dict[str, np.ndarray],
+                 graph_only: bool = False):
         self.layout = layout
         self.tasks = tasks
         self.arrays = arrays
+        # A graph-only bank (what a runtime loads) lacks the training arrays: it can be run, not edited or saved.
+        self.graph_only = graph_only
         problem = self._shape_problem()
         if problem:
             raise BankError(problem)
@@ -185,6 +190,7 @@ class TaskBank:
 
     def with_task(self, task: TaskSlice) -> "TaskBank":
         """A new bank with ``task`` appended (or replacing the task of the same name, in place)."""
+        self._require_full("add a task to")
         info = task.info
         scoring: GaussianScoring = task.stats.finalize(self.layout.ridge)
         per_task = {
@@ -230,10 +236,16 @@ class TaskBank:
             raise BankError(f"a task named {new!r} already exists")
         tasks = copy.deepcopy(self.tasks)
         tasks[index].name = new
-        return TaskBank(self.layout, tasks, dict(self.arrays))
+        return TaskBank(self.layout, tasks, dict(self.arrays), graph_only=self.graph_only)
+
+    def _require_full(self, action: str) -> None:
+        if self.graph_only:
+            raise BankError(f"cannot {action} a bank loaded without its training arrays (graph_only=True); "
+                            "load it in full")
 
     def select(self, indices: list[int]) -> "TaskBank":
         """A bank holding only the given tasks, in the given order."""
+        self._require_full("select tasks of")
         idx = np.asarray(indices, np.int64)
         arrays = {k: self.arrays[k][idx] for k in TASK_ARRAYS}
         class_task = self.arrays["class_task"]
@@ -248,6 +260,7 @@ class TaskBank:
         return TaskBank(self.layout, [copy.deepcopy(self.tasks[i]) for i in indices], arrays)
 
     def _insert(self, other: "TaskBank", index: int) -> "TaskBank":
+        other._require_full("merge")
         order = list(range(self.num_tasks))
         left, right = self.select(order[:index]), self.select(order[index:])
         arrays = {}
@@ -284,6 +297,7 @@ class TaskBank:
             raise BankError(f"no task named {name!r} in the bank (tasks: {self.task_names})") from None
 
     def task_slice(self, name_or_index: str | int) -> TaskSlice:
+        self._require_full("take a task slice of")
         i = self._index(name_or_index) if isinstance(name_or_index, str) else int(name_or_index)
         a = self.arrays
         stats = GaussianStats(int(a["stats_count"][i]), a["stats_sum"][i].copy(), a["stats_outer"][i].copy())
@@ -293,8 +307,7 @@ class TaskBank:
 
     def graph_inputs(self) -> dict[str, np.ndarray]:
         """The bank arrays exactly as the exported graph takes them (DESIGN 2.1)."""
-        names = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
-        return {k: np.ascontiguousarray(self.arrays[k]) for k in names}
+        return {k: np.ascontiguousarray(self.arrays[k]) for k in GRAPH_ARRAYS}
 
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))
@@ -303,6 +316,8 @@ class TaskBank:
         expected = self.layout.shapes(self.num_tasks, len(self.class_names))
         for name, shape in expected.items():
             if name not in self.arrays:
+                if self.graph_only and name not in GRAPH_ARRAYS:
+                    continue
                 return f"array {name!r} is missing"
             arr = self.arrays[name]
             if tuple(arr.shape) != shape:
@@ -327,6 +342,7 @@ class TaskBank:
         """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
         from safetensors.numpy import save_file
 
+        self._require_full("save")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.ascontiguousarray(v.astype(ARRAY_DTYPES[k], copy=False)) for k, v in self.arrays.items()}
@@ -343,8 +359,12 @@ class TaskBank:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: BankLayout | None = None) -> "TaskBank":
-        """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout."""
+    def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False) -> "TaskBank":
+        """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout.
+
+        ``graph_only`` reads just the arrays the exported graph consumes (a runtime's view: no float64
+        statistics, no text adapters — about a third of the memory for D = 512); such a bank cannot be saved.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -353,7 +373,8 @@ class TaskBank:
         try:
             with safe_open(str(path), framework="numpy") as fh:
                 raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
-                arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+                keys = [k for k in fh.keys() if not graph_only or k in GRAPH_ARRAYS]
+                arrays = {k: fh.get_tensor(k) for k in keys}
         except Exception as exc:  # safetensors raises several types for truncated or foreign files
             raise BankError(f"{path}: not a readable safetensors bank (truncated or corrupt?): {exc}") from None
         if raw_meta is None:
@@ -377,7 +398,7 @@ class TaskBank:
             if name in arrays and arrays[name].dtype != dtype:
                 raise BankError(f"{path}: array {name!r} has dtype {arrays[name].dtype}, expected {np.dtype(dtype)}")
         try:
-            bank = cls(layout, tasks, arrays)
+            bank = cls(layout, tasks, arrays, graph_only=graph_only)
         except BankError as exc:
             raise BankError(f"{path}: {exc}") from None
         if expect is not None:

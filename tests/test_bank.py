@@ -143,3 +143,20 @@ def test_loading_never_unpickles(tmp_path):
     evil.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(BankError, match="evil.safetensors"):
         TaskBank.load(evil)
+
+
+def test_graph_only_load_is_the_runtimes_lean_view(tmp_path, bank_setup):
+    layout, task = bank_setup
+    bank = TaskBank.empty(layout).with_task(task("a", 3, 0)).with_task(task("b", 2, 1))
+    path = bank.save(tmp_path / "bank.safetensors")
+    lean = TaskBank.load(path, expect=layout, graph_only=True)
+    assert set(lean.arrays) == {"bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds",
+                                "class_task"}
+    for k, v in bank.graph_inputs().items():
+        np.testing.assert_array_equal(lean.graph_inputs()[k], v)
+    assert lean.class_names == bank.class_names and lean.nbytes() < bank.nbytes()
+    with pytest.raises(BankError, match="graph_only"):
+        lean.save(tmp_path / "other.safetensors")
+    with pytest.raises(BankError, match="graph_only"):
+        lean.without("a")
+    assert not (tmp_path / "other.safetensors").exists()

@@ -205,7 +205,7 @@ class Predictor:
             if problem:
                 raise BankError(f"bank does not fit this model: {problem}")
         else:
-            loaded, source = TaskBank.load(bank, expect=self.layout), os.fspath(bank)
+            loaded, source = TaskBank.load(bank, expect=self.layout, graph_only=True), os.fspath(bank)
         if loaded.num_tasks < 1:
             raise BankError(f"{source}: the bank has no tasks; the graph needs at least one")
         arrays = {}
