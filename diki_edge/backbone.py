@@ -132,6 +132,13 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, 
     return Backbone(clip, tokenizer, preprocess_cfg, spec, weights_hash(clip), extra)
 
 
+def backbone_from_spec(spec: dict[str, Any]) -> Backbone:
+    """Reload the backbone a bank or manifest names (``{"model", "pretrained"}`` as :func:`load_backbone` wrote it)."""
+    pretrained = spec.get("pretrained")
+    # "bundled" and "local-dir" say where the weights came from; the model name alone loads them again.
+    return load_backbone(spec["model"], None if pretrained in (None, "bundled", "local-dir") else pretrained)
+
+
 def _local_dir_extras(name: str) -> dict[str, Any]:
     """The ``diki_edge`` section of a local-dir ``open_clip_config.json`` (e.g. a recommended training lr)."""
     import json

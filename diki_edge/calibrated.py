@@ -57,6 +57,11 @@ def gaussian_scores(f: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor, c
     return const.unsqueeze(0) - 0.5 * (z * z).sum(-1).transpose(0, 1)
 
 
+def familiarity(score: torch.Tensor, dim: int) -> torch.Tensor:
+    """DIKI's calibration weight ``M = sigmoid(S / D - 1)`` of a selected task's log-density ``S``."""
+    return torch.sigmoid(score / dim - 1.0)
+
+
 def interpolate_class_table(class_embeds: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-sample class text embeddings ``[B, C, D]`` at each sample's ``M``, linear between grid levels."""
     g = class_embeds.shape[0]
@@ -91,8 +96,14 @@ class CalibratedDiki(nn.Module):
             votes = torch.bincount(task, minlength=scores.shape[1])
             task = torch.full_like(task, int(votes.argmax()))
         chosen = scores.gather(1, task.unsqueeze(1)).squeeze(1)
-        weight = torch.sigmoid(chosen / f0.shape[1] - 1.0)
-        return scores, task, weight
+        return scores, task, familiarity(chosen, f0.shape[1])
+
+    def classify(self, f: torch.Tensor, task: torch.Tensor, text_weight: torch.Tensor, class_embeds: torch.Tensor,
+                 class_task: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` logits against the text table at each sample's ``M``; other tasks' classes at ``-inf``."""
+        table = interpolate_class_table(class_embeds, text_weight)
+        logits = self.logit_scale * torch.einsum("bd,bcd->bc", f, table)
+        return _mask_other_tasks(logits, class_task, task)
 
     def forward(self, pixel_values: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
                 gauss_mean: torch.Tensor, gauss_whiten: torch.Tensor, gauss_const: torch.Tensor,
@@ -106,9 +117,7 @@ class CalibratedDiki(nn.Module):
             t = task[idx]
             f[idx] = self.diki.encode_image(pixel_values[idx], bank_k[t], bank_v[t], weight[idx])
         text_weight = weight.mean().expand_as(weight) if self.batch_vote else weight
-        table = interpolate_class_table(class_embeds, text_weight)
-        logits = self.logit_scale * torch.einsum("bd,bcd->bc", f, table)
-        logits = _mask_other_tasks(logits, class_task, task)
+        logits = self.classify(f, task, text_weight, class_embeds, class_task)
         return CalibratedOutput(logits, task, weight, scores, f)
 
 

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diki_edge.bank import TaskInfo, TaskSlice
+from diki_edge.gaussian import GaussianStats
+
 DEFAULT_RESIDUAL_LENGTH = 8
 DEFAULT_DEPTH_FRACTION = 2.0 / 3.0
 
@@ -228,3 +231,11 @@ class TaskAdapter(nn.Module):
 
     def text_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_k[None], self.text_v[None]
+
+    def to_slice(self, info: TaskInfo, stats: GaussianStats, class_embeds: torch.Tensor) -> TaskSlice:
+        """This adapter as the numpy slice a bank appends (with the task's statistics and text table)."""
+        def arr(t: torch.Tensor):
+            return t.detach().cpu().numpy().copy()
+
+        return TaskSlice(info=info, image_k=arr(self.image_k), image_v=arr(self.image_v), text_k=arr(self.text_k),
+                         text_v=arr(self.text_v), stats=stats, class_embeds=arr(class_embeds))

@@ -13,8 +13,8 @@ import torch
 
 from diki_edge.bank import TaskInfo, TaskSlice
 from diki_edge.calibrated import class_text_table, tokenize
-from diki_edge.gaussian import GaussianStats
 from diki_edge.model import DikiCLIP, TaskAdapter
+from diki_edge.train import frozen_statistics
 
 
 @torch.no_grad()
@@ -26,14 +26,6 @@ def synthetic_task(diki: DikiCLIP, tokenizer, name: str, classes: Sequence[str],
     adapter = TaskAdapter(diki.shape, generator=g)
     adapter.image_v.copy_(torch.randn(adapter.image_v.shape, generator=g) * value_scale)
     adapter.text_v.copy_(torch.randn(adapter.text_v.shape, generator=g) * value_scale)
-    stats = GaussianStats.empty(diki.shape.embed_dim)
-    for chunk in images.split(64):
-        stats.update(diki.encode_image(chunk).double().numpy())
-    tokens = tokenize(tokenizer, classes, template)
-    table = class_text_table(diki, tokens, adapter.text_k, adapter.text_v, levels)
-    return TaskSlice(
-        info=TaskInfo(name, list(classes), template, stats.count),
-        image_k=adapter.image_k.numpy().copy(), image_v=adapter.image_v.numpy().copy(),
-        text_k=adapter.text_k.numpy().copy(), text_v=adapter.text_v.numpy().copy(),
-        stats=stats, class_embeds=table.numpy(),
-    )
+    stats = frozen_statistics(diki, images, batch_size=64)
+    table = class_text_table(diki, tokenize(tokenizer, classes, template), adapter.text_k, adapter.text_v, levels)
+    return adapter.to_slice(TaskInfo(name, list(classes), template, stats.count), stats, table)

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from diki_edge.backbone import Backbone, load_backbone, recommended_lr
+from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, recommended_lr
 from diki_edge.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
 from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
@@ -128,28 +128,33 @@ def frozen_statistics(diki: DikiCLIP, images: torch.Tensor, batch_size: int = 25
     return stats
 
 
+def learn_task(diki: DikiCLIP, tokenizer, images: torch.Tensor, labels: torch.Tensor, name: str,
+               classes: Sequence[str], cfg: TrainConfig, levels: Sequence[float], progress=None
+               ) -> tuple[TaskSlice, float, float]:
+    """Everything one task adds to a bank, from its preprocessed training images: the adapter (trained), the
+    frozen statistics and the class text table. Returns the slice and the last epoch's loss and accuracy."""
+    tokens = tokenize(tokenizer, classes, cfg.template)
+    adapter, loss, acc = fit_adapter(diki, images, labels, tokens, cfg, progress)
+    stats = frozen_statistics(diki, images, progress=progress)
+    with torch.no_grad():
+        table = class_text_table(diki, tokens, adapter.text_k, adapter.text_v, levels)
+    info = TaskInfo(name, list(classes), cfg.template, stats.count,
+                    extra={"train": {k: v for k, v in asdict(cfg).items() if k not in ("template",)}})
+    return adapter.to_slice(info, stats, table), loss, acc
+
+
 def train_task(backbone: Backbone, diki: DikiCLIP, folder: ImageFolder, name: str, cfg: TrainConfig,
                levels: Sequence[float], progress=None) -> tuple[TaskSlice, TrainReport]:
-    """Everything one task adds to a bank, from an image folder."""
+    """:func:`learn_task` on an image folder read with the backbone's own transform."""
     start = time.perf_counter()
     if cfg.lr is None:
         cfg = replace(cfg, lr=recommended_lr(backbone))
     transform = image_transform(backbone)
     bar = progress.add_task("loading images", total=len(folder), info=str(folder.root)) if progress else None
     images, labels = load_tensors(folder, transform, (lambda: progress.update(bar, advance=1)) if progress else None)
-    tokens = tokenize(backbone.tokenizer, folder.classes, cfg.template)
-    adapter, loss, acc = fit_adapter(diki, images, labels, tokens, cfg, progress)
-    stats = frozen_statistics(diki, images, progress=progress)
-    with torch.no_grad():
-        table = class_text_table(diki, tokens, adapter.text_k, adapter.text_v, levels)
-    task = TaskSlice(
-        info=TaskInfo(name, list(folder.classes), cfg.template, stats.count,
-                      extra={"train": {k: v for k, v in asdict(cfg).items() if k not in ("template",)}}),
-        image_k=adapter.image_k.detach().numpy().copy(), image_v=adapter.image_v.detach().numpy().copy(),
-        text_k=adapter.text_k.detach().numpy().copy(), text_v=adapter.text_v.detach().numpy().copy(),
-        stats=stats, class_embeds=table.numpy(),
-    )
-    report = TrainReport(name, stats.count, len(folder.skipped), time.perf_counter() - start, loss, acc)
+    task, loss, acc = learn_task(diki, backbone.tokenizer, images, labels, name, folder.classes, cfg, levels,
+                                 progress)
+    report = TrainReport(name, task.stats.count, len(folder.skipped), time.perf_counter() - start, loss, acc)
     return task, report
 
 
@@ -159,7 +164,7 @@ def open_or_create_bank(bank_path: Path, model: str | None, pretrained: str | No
     existing = TaskBank.load(bank_path) if bank_path.exists() else None
     if existing is not None:
         spec = existing.layout.backbone
-        backbone = load_backbone(model or spec["model"], pretrained if model else _pretrained_arg(spec))
+        backbone = load_backbone(model, pretrained) if model else backbone_from_spec(spec)
         if backbone.weights_sha256 != existing.layout.backbone_hash:
             raise BankError(f"{bank_path}: bank was trained on another backbone (hash "
                             f"{existing.layout.backbone_hash[:12]}), the given model has {backbone.weights_sha256[:12]}")
@@ -172,11 +177,6 @@ def open_or_create_bank(bank_path: Path, model: str | None, pretrained: str | No
     diki = DikiCLIP(backbone.model, cfg.residual_length)
     layout = layout_for(backbone, diki, calibration_levels(cfg.levels), cfg.ridge)
     return TaskBank.empty(layout), backbone, diki
-
-
-def _pretrained_arg(spec: dict) -> str | None:
-    p = spec.get("pretrained")
-    return None if p in (None, "bundled", "local-dir") else p
 
 
 def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str, *, model: str | None = None,

@@ -152,6 +152,9 @@ def test_graph_only_load_is_the_runtimes_lean_view(tmp_path, bank_setup):
     lean = TaskBank.load(path, expect=layout, graph_only=True)
     assert set(lean.arrays) == {"bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds",
                                 "class_task"}
+    from diki_edge.export.spec import INPUT_NAMES
+
+    assert tuple(lean.graph_inputs()) == INPUT_NAMES[1:]  # the bank feeds exactly the graph's bank inputs
     for k, v in bank.graph_inputs().items():
         np.testing.assert_array_equal(lean.graph_inputs()[k], v)
     assert lean.class_names == bank.class_names and lean.nbytes() < bank.nbytes()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diki_edge.bank import TaskBank, TaskInfo, TaskSlice
+from diki_edge.bank import TaskBank, TaskSlice
 from diki_edge.calibrated import (DEFAULT_SKIP_BELOW, CalibratedDiki, calibration_levels, class_text_table,
-                                  gaussian_scores, interpolate_class_table, tokenize)
+                                  familiarity, gaussian_scores, interpolate_class_table, tokenize)
 from diki_edge.evaluation.baselines import PromptedCLIP, TaskPrompts
 from diki_edge.evaluation.tasks import EvalTask
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
-from diki_edge.train import TrainConfig, cross_entropy_loop, fit_adapter, frozen_statistics
+from diki_edge.train import TrainConfig, cross_entropy_loop, learn_task
 
 CHUNK = 128  # images per encoder call in evaluation
 
@@ -243,18 +243,8 @@ class DikiEngine:
         start = time.perf_counter()
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        tokens = tokenize(self.backbone.tokenizer, task.class_names, task.template)
-        adapter, loss, acc = fit_adapter(self.diki, task.train_x, task.train_y, tokens,
-                                         TrainConfig(**{**cfg.__dict__, "template": task.template}))
-        stats = frozen_statistics(self.diki, task.train_x)
-        with torch.no_grad():
-            table = class_text_table(self.diki, tokens, adapter.text_k, adapter.text_v, self.levels)
-        sl = TaskSlice(
-            info=TaskInfo(task.name, list(task.class_names), task.template, stats.count),
-            image_k=adapter.image_k.detach().numpy().copy(), image_v=adapter.image_v.detach().numpy().copy(),
-            text_k=adapter.text_k.detach().numpy().copy(), text_v=adapter.text_v.detach().numpy().copy(),
-            stats=stats, class_embeds=table.numpy(),
-        )
+        sl, loss, acc = learn_task(self.diki, self.backbone.tokenizer, task.train_x, task.train_y, task.name,
+                                   task.class_names, replace(cfg, template=task.template), self.levels)
         rep = LearnReport(task.name, time.perf_counter() - start, acc, loss, self.diki.shape.parameters_per_task)
         self.add_task(sl, rep)
         return rep
@@ -297,8 +287,8 @@ class DikiEngine:
         return torch.stack(cols, 1)
 
     def weight(self, score: torch.Tensor) -> torch.Tensor:
-        """DIKI's calibration ``M = sigmoid(S / D - 1)`` (the same float32 expression as CalibratedDiki)."""
-        return torch.sigmoid(score / self.dim - 1.0)
+        """DIKI's calibration ``M`` (the same float32 expression as CalibratedDiki)."""
+        return familiarity(score, self.dim)
 
     def second_pass(self, task: EvalTask, holdout: bool, name: str, calibrated: bool,
                     idx: torch.Tensor) -> torch.Tensor:

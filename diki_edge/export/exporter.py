@@ -44,17 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from diki_edge.errors import DikiEdgeError, ExportError
-from diki_edge.export.spec import INPUT_NAMES, MANIFEST_FORMAT_VERSION, OUTPUT_NAMES, dynamic_axes, resolved_io
+from diki_edge.export.spec import (BANK_FILE, EXTERNAL_DATA_FILE, INPUT_NAMES, MANIFEST_FILE, MANIFEST_FORMAT_VERSION,
+                                   MODEL_FILE, OUTPUT_NAMES, PREPROCESS_FILE, dynamic_axes, resolved_io)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 18
 DEFAULT_DYNAMO = False
 DEFAULT_SKIP_BELOW = 1e-6  # == diki_edge.calibrated.DEFAULT_SKIP_BELOW (kept torch-free here)
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
-BANK_FILE = "bank.safetensors"
-PREPROCESS_FILE = "preprocess.json"
-MANIFEST_FILE = "manifest.json"
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
 
 
@@ -127,17 +123,16 @@ def _unwrapped_copy(clip):
 
 
 def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
-    from diki_edge.backbone import Backbone, load_backbone, weights_hash
+    from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, weights_hash
 
     spec = bank.layout.backbone
     if backbone is None:
-        name = model if model is not None else spec.get("model")
-        if not name:
+        if model is None and not spec.get("model"):
             raise ExportError("the bank does not name its backbone; pass --model (and --pretrained)")
-        tag = pretrained if (pretrained is not None or model is not None) else spec.get("pretrained")
-        if tag == "bundled":
-            tag = None
-        backbone = load_backbone(name, tag)
+        if model is None and pretrained is None:
+            backbone = backbone_from_spec(spec)
+        else:
+            backbone = load_backbone(model or spec["model"], pretrained)
     elif not isinstance(backbone, Backbone):
         raise ExportError(f"backbone must be a diki_edge.backbone.Backbone, got {type(backbone).__name__}")
     clip = _unwrapped_copy(backbone.model).eval()
@@ -195,10 +190,7 @@ def _finalize_onnx(scratch: Path, dest_dir: Path) -> Path:
         del proto
     else:
         shutil.move(str(src), str(dest))
-    try:
-        onnx.checker.check_model(str(dest))
-    except Exception as exc:
-        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+    onnx_check(dest)
     return dest
 
 
@@ -461,8 +453,7 @@ def onnx_check(path: Path) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise ExportError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
+        _check_out_dir(out_dir, force)  # again: the folder may have appeared while exporting
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / "previous")
         os.replace(tmp, out_dir)

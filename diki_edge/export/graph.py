@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diki_edge.calibrated import CalibratedDiki, CalibratedOutput, _mask_other_tasks, interpolate_class_table
+from diki_edge.calibrated import CalibratedDiki, CalibratedOutput
 from diki_edge.errors import ExportError
 from diki_edge.model import ResidualKVAttention, ResidualSlot, residual
 
@@ -120,7 +120,6 @@ class ExportGraph(nn.Module):
         if encoder_dtype != torch.float32:
             diki = copy.deepcopy(diki).to(encoder_dtype)
         self.diki = diki
-        self.register_buffer("logit_scale", calibrated.logit_scale.detach().clone().float(), persistent=False)
 
     def encode(self, pixels: torch.Tensor, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +144,5 @@ class ExportGraph(nn.Module):
         f1 = self.encode(pixel_values.index_select(0, idx), bank_k.index_select(0, sub_task),
                          bank_v.index_select(0, sub_task), weight.index_select(0, idx))
         f = f0.index_put((idx,), f1)
-        table = interpolate_class_table(class_embeds, weight)
-        logits = self.logit_scale * torch.einsum("bd,bcd->bc", f, table)
-        logits = _mask_other_tasks(logits, class_task, task)
+        logits = self.calibrated.classify(f, task, weight, class_embeds, class_task)
         return CalibratedOutput(logits, task, weight, scores, f)

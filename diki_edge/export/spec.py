@@ -12,6 +12,13 @@ from typing import Any
 
 MANIFEST_FORMAT_VERSION = 1
 
+# The files of an exported model folder (written by the exporter, read by diki_edge.runtime).
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"  # only for graphs over protobuf's 2 GB limit
+BANK_FILE = "bank.safetensors"
+PREPROCESS_FILE = "preprocess.json"
+MANIFEST_FILE = "manifest.json"
+
 # Dimensions that stay symbolic in the graph: a bank with more or fewer tasks/classes runs on the same file.
 DYNAMIC_DIMS = ("batch", "tasks", "classes", "levels")
 

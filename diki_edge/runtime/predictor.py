@@ -37,16 +37,13 @@ from PIL import Image
 
 from diki_edge.bank import BankLayout, TaskBank
 from diki_edge.errors import BankError, RuntimeSetupError
+from diki_edge.export.spec import BANK_FILE, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, MODEL_FILE, PREPROCESS_FILE
+from diki_edge.export.spec import INPUT_NAMES as GRAPH_INPUTS
+from diki_edge.export.spec import OUTPUT_NAMES as GRAPH_OUTPUTS
 from diki_edge.runtime.images import DEFAULT_MAX_PIXELS, ImageError, ImageInput, describe_input, load_rgb
 from diki_edge.runtime.preprocess import Preprocess
 from diki_edge.runtime.session import BankHandle, Session, numpy_dtype
 
-MANIFEST_FORMAT_VERSION = 1
-BANK_INPUTS = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
-GRAPH_INPUTS = ("pixel_values",) + BANK_INPUTS
-GRAPH_OUTPUTS = ("logits", "task", "weight", "task_scores", "image_embeds")
-MODEL_FILE, BANK_FILE, PREPROCESS_FILE, MANIFEST_FILE = (
-    "model.onnx", "bank.safetensors", "preprocess.json", "manifest.json")
 
 
 @dataclass
