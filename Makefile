@@ -11,11 +11,11 @@ env: $(VENV)/.installed
 
 # torch is pinned to the build that lies on this project's machines (the CUDA build of 2.14.1); installing it
 # before the project keeps pip from resolving another torch for open_clip_torch.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml export/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[cpu,train,data,dev]"
+	$(BIN)/pip install --quiet -e ./runtime -e ./export -e ".[cpu,export,data,dev]"
 	touch $@
 
 demo: env

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     from PIL import Image
 
     from diki_edge.backbone import load_backbone
-    from diki_edge.bank import TaskBank
+    from diki_edge_runtime.bank import TaskBank
     from diki_edge.calibrated import CalibratedDiki, bank_tensors
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP

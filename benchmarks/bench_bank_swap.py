@@ -4,7 +4,7 @@ Two ways to serve a bank with other tasks:
 
 * swap: ``Predictor.load_bank(path)`` on the running predictor (read + validate the safetensors file, cast the
   arrays, and on CUDA copy them to the device once);
-* re-export: ``diki_edge.export.export_model(bank, out_dir, force=True)`` (load the backbone, trace, write the
+* re-export: ``diki_edge_export.export_model(bank, out_dir, force=True)`` (load the backbone, trace, write the
   ONNX graph, validate it against PyTorch) followed by creating a new ``Predictor`` on the new folder.
 
 Both are timed as the median of repeats, alternating the two banks so every swap really changes the bank.
@@ -40,7 +40,7 @@ def make_banks(spec: str, tasks: int, classes_per_task: int, work: Path) -> tupl
     import torch
 
     from diki_edge.backbone import load_backbone
-    from diki_edge.bank import TaskBank
+    from diki_edge_runtime.bank import TaskBank
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from diki_edge.export import export_model
-    from diki_edge.export import validate as V
-    from diki_edge.runtime import Predictor
+    from diki_edge_export import export_model
+    from diki_edge_export import validate as V
+    from diki_edge_runtime import Predictor
 
     # Timing only: the exporter's validation runs in full (same work), but its fp32 bounds are relaxed so that a
     # synthetic bank near the tolerance edge does not abort the benchmark. Recorded in the results.

@@ -26,7 +26,7 @@ TARGET = "report; runtime must not import torch (#6); runtime peak RSS lower (#7
 
 TYPER_APP = textwrap.dedent("""
     import sys, typer
-    from diki_edge.runtime.command import predict_command
+    from diki_edge_runtime.cli_predict import predict_command
     app = typer.Typer(add_completion=False)
     app.command()(predict_command)
     app(prog_name="diki-edge predict")
@@ -42,7 +42,7 @@ IMPORT_CHECK = textwrap.dedent("""
 
 CONSOLE_SCRIPT = textwrap.dedent("""
     import sys
-    from diki_edge.cli import main
+    from diki_edge_runtime.cli import main
     sys.argv[0] = "diki-edge"
     sys.exit(main())
 """)

@@ -41,7 +41,7 @@ def torch_predictor(w: World):
 
 
 def measure(cfg: Config) -> dict[str, Any]:
-    from diki_edge.runtime import Predictor
+    from diki_edge_runtime import Predictor
 
     rows, notes, profiles = [], [], {}
     for model in cfg.models:

@@ -26,7 +26,7 @@ EXPORTS = 1
 
 
 def measure(cfg: Config) -> dict[str, Any]:
-    from diki_edge.runtime import Predictor
+    from diki_edge_runtime import Predictor
 
     model = cfg.reference_model
     w = get_world(cfg, model)

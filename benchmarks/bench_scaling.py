@@ -28,7 +28,7 @@ MAX_FRACTION = 0.01
 
 RSS_CODE = textwrap.dedent("""
     import sys
-    from diki_edge.runtime import Predictor
+    from diki_edge_runtime import Predictor
     p = Predictor(sys.argv[1], threads=int(sys.argv[3]), bank=sys.argv[2])
     r = p.predict([sys.argv[4]])
     print(r[0].task, flush=True)

@@ -39,8 +39,8 @@ def main() -> int:
     from rich.table import Table
 
     from diki_edge.backbone import load_backbone
-    from diki_edge.bank import TaskBank
-    from diki_edge.export import OUTPUT_NAMES, export_model
+    from diki_edge_runtime.bank import TaskBank
+    from diki_edge_export import OUTPUT_NAMES, export_model
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task

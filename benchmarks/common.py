@@ -387,7 +387,7 @@ def render(result: dict[str, Any], console=None) -> None:
 # --------------------------------------------------------------------------------------------- ONNX Runtime
 def ort_session(model_path: Path | str, threads: int, provider: str = "cpu", opt_level: str = "all",
                 profile_prefix: str | None = None, extra: dict[str, str] | None = None):
-    """An ``InferenceSession`` configured like :class:`diki_edge.runtime.session.Session` (intra-op threads,
+    """An ``InferenceSession`` configured like :class:`diki_edge_runtime.session.Session` (intra-op threads,
     one inter-op thread), with an optional graph-optimisation level and profiling."""
     import onnxruntime as ort
 

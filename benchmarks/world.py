@@ -116,8 +116,8 @@ class World:
     def _slices(self):
         import torch
 
-        from diki_edge.bank import TaskInfo, TaskSlice
-        from diki_edge.gaussian import GaussianStats
+        from diki_edge_runtime.bank import TaskInfo, TaskSlice
+        from diki_edge_runtime.gaussian import GaussianStats
         from diki_edge.model import TaskAdapter
 
         s = self.diki.shape
@@ -143,7 +143,7 @@ class World:
 
     @cached_property
     def bank_path(self) -> Path:
-        from diki_edge.bank import TaskBank
+        from diki_edge_runtime.bank import TaskBank
 
         path = self.dir / f"bank{self.cfg.tasks}.safetensors"
         if path.is_file():
@@ -159,13 +159,13 @@ class World:
 
     @cached_property
     def bank(self):
-        from diki_edge.bank import TaskBank
+        from diki_edge_runtime.bank import TaskBank
 
         return TaskBank.load(self.bank_path, expect=self.layout)
 
     def bank_with_tasks(self, count: int):
         """A bank of ``count`` tasks: the base tasks' arrays repeated under new names (same speed per task)."""
-        from diki_edge.bank import TASK_ARRAYS, TaskBank, TaskInfo
+        from diki_edge_runtime.bank import TASK_ARRAYS, TaskBank, TaskInfo
 
         base = self.bank
         if count == base.num_tasks:
@@ -207,7 +207,7 @@ class World:
         return out
 
     def export_to(self, out: Path, precision: str = "fp32", bank_path: Path | None = None):
-        from diki_edge.export import export_model
+        from diki_edge_export import export_model
 
         return export_model(bank_path or self.bank_path, out, backbone=self.backbone, precision=precision,
                             force=True, quiet=True)
@@ -228,7 +228,7 @@ class World:
         if not path.is_file():
             from safetensors.torch import save_file
 
-            from diki_edge.export.exporter import _unwrapped_copy
+            from diki_edge_export.exporter import _unwrapped_copy
 
             clip = _unwrapped_copy(self.backbone.model)
             tmp = path.with_suffix(".tmp")
@@ -248,8 +248,8 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
     import torch.nn.functional as F
     from torch import nn
 
-    from diki_edge.export.exporter import _unwrapped_copy
-    from diki_edge.export.graph import mha_fastpath_disabled
+    from diki_edge_export.exporter import _unwrapped_copy
+    from diki_edge_export.graph import mha_fastpath_disabled
 
     class Plain(nn.Module):
         def __init__(self, clip):

@@ -145,5 +145,5 @@ def exact_class_embeds(diki: DikiCLIP, tokens: torch.Tensor, text_k: torch.Tenso
 
 
 def bank_tensors(bank, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The graph inputs of a :class:`diki_edge.bank.TaskBank` as torch tensors (same names, same layout)."""
+    """The graph inputs of a :class:`diki_edge_runtime.bank.TaskBank` as torch tensors (same names, same layout)."""
     return {k: torch.from_numpy(v.copy()).to(device) for k, v in bank.graph_inputs().items()}

@@ -67,7 +67,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
 def open_rgb(path: Path) -> Image.Image:
     """Decode an image file to 8-bit RGB with its EXIF orientation applied — the runtime's own conversion, so
     training and inference see identical pixels."""
-    from diki_edge.runtime.images import to_rgb
+    from diki_edge_runtime.images import to_rgb
 
     with Image.open(path) as im:
         return to_rgb(im, str(path))

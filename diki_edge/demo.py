@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from diki_edge.bank import TaskBank
+from diki_edge_runtime.bank import TaskBank
 
 console = Console(stderr=True)
 
@@ -89,8 +89,8 @@ def _zero_shot(tasks) -> dict[str, float]:
 
 def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: int = 2, quiet: bool = False) -> None:
     from diki_edge.datasets import dcil_benchmark, write_image_folder
-    from diki_edge.export import export_model
-    from diki_edge.runtime import Predictor
+    from diki_edge_export import export_model
+    from diki_edge_runtime import Predictor
     from diki_edge.train import TrainConfig, train_into_bank
 
     start = time.perf_counter()
@@ -121,7 +121,7 @@ def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: in
     _step("4/5 diki-edge predict (torch-free runtime, separate process)")
     rows = _write_samples(tasks, out / "samples", samples_per_task)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cli = [sys.executable, "-m", "diki_edge.cli", "predict", str(out / "samples"), "--model", str(out / "model"),
+    cli = [sys.executable, "-m", "diki_edge_runtime", "predict", str(out / "samples"), "--model", str(out / "model"),
            "--json", "--top-k", "1", "--quiet"]
     proc = subprocess.run(cli, capture_output=True, text=True, env=env)
     if proc.returncode not in (0, 1):

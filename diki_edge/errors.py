@@ -1,12 +1,6 @@
-"""The exceptions diki-edge raises for bad input; each message names the file or object and the problem."""
+"""Errors of the training core; both derive from the runtime's :class:`~diki_edge_runtime.errors.DikiEdgeError`."""
 
-
-class DikiEdgeError(Exception):
-    """Base class: a user-facing error whose message is meant to be printed as is."""
-
-
-class BankError(DikiEdgeError):
-    """A bank file or bank operation is invalid (missing, truncated, incompatible, ill-shaped)."""
+from diki_edge_runtime.errors import DikiEdgeError
 
 
 class BackboneError(DikiEdgeError):
@@ -15,11 +9,3 @@ class BackboneError(DikiEdgeError):
 
 class DataError(DikiEdgeError):
     """A training or evaluation data folder is unusable."""
-
-
-class ExportError(DikiEdgeError):
-    """Export failed or its validation against PyTorch was outside tolerance."""
-
-
-class RuntimeSetupError(DikiEdgeError):
-    """The runtime could not start: missing ONNX Runtime, unavailable provider, malformed model folder."""

@@ -1,13 +1,13 @@
-"""Building a :class:`~diki_edge.bank.BankLayout` for a loaded backbone (PyTorch side)."""
+"""Building a :class:`~diki_edge_runtime.bank.BankLayout` for a loaded backbone (PyTorch side)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from diki_edge.backbone import Backbone
-from diki_edge.bank import BankLayout
+from diki_edge_runtime.bank import BankLayout
 from diki_edge.calibrated import calibration_levels
-from diki_edge.gaussian import DEFAULT_RIDGE
+from diki_edge_runtime.gaussian import DEFAULT_RIDGE
 from diki_edge.model import DikiCLIP
 
 

@@ -14,7 +14,7 @@ per-sample weight ``M`` are not module state: a caller hands them to one encoder
 inference (per-sample gathered slices) and the ONNX export (graph inputs) all drive the same code.
 
 Where tensors come from: ``K_r``/``V_r`` are trained in :mod:`diki_edge.train` (:class:`TaskAdapter`), stored
-in :mod:`diki_edge.bank`, gathered per sample in :mod:`diki_edge.calibrated`.
+in :mod:`diki_edge_runtime.bank`, gathered per sample in :mod:`diki_edge.calibrated`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diki_edge.bank import TaskInfo, TaskSlice
-from diki_edge.gaussian import GaussianStats
+from diki_edge_runtime.bank import TaskInfo, TaskSlice
+from diki_edge_runtime.gaussian import GaussianStats
 
 DEFAULT_RESIDUAL_LENGTH = 8
 DEFAULT_DEPTH_FRACTION = 2.0 / 3.0

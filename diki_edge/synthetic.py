@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from diki_edge.bank import TaskInfo, TaskSlice
+from diki_edge_runtime.bank import TaskInfo, TaskSlice
 from diki_edge.calibrated import class_text_table, tokenize
 from diki_edge.model import DikiCLIP, TaskAdapter
 from diki_edge.train import frozen_statistics

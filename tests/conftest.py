@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny open_clip backbone with random weights, written and loaded like a user's local one."""
+"""Shared fixtures. Torch-free at import time: the runtime's tests run from here in a venv without torch.
+
+The tiny open_clip backbone (random weights, written and loaded like a user's local one) is made on first use by
+the fixtures below, which import the training core only then.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from diki_edge.testing import write_tiny_model_dir  # noqa: E402  (after the offline switches)
-
-__all__ = ["write_tiny_model_dir"]
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    from diki_edge.testing import write_tiny_model_dir
+
     return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-clip"))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diki_edge.bank import TaskBank, TaskSlice
+from diki_edge_runtime.bank import TaskBank, TaskSlice
 from diki_edge.calibrated import (DEFAULT_SKIP_BELOW, CalibratedDiki, calibration_levels, class_text_table,
                                   familiarity, gaussian_scores, interpolate_class_table, tokenize)
 from diki_edge.evaluation.baselines import PromptedCLIP, TaskPrompts
@@ -437,15 +437,15 @@ class OnnxDiki(Method):
         self.export_seconds = math.nan
         self.model_bytes = 0
         self._pixels: dict[str, np.ndarray] = {}
-        self.protocol = ("as DIKI (per-sample): diki_edge.export.export_model graph run by diki_edge.runtime "
+        self.protocol = ("as DIKI (per-sample): diki_edge_export.export_model graph run by diki_edge_runtime "
                          "(onnxruntime, CPU)" + ("; pixels from the runtime's own numpy/Pillow preprocessing"
                                                   if pixels_from == "runtime" else "; PyTorch-preprocessed pixels"))
 
     def _ensure_export(self) -> None:
         if self.predictor is not None:
             return
-        from diki_edge.export import export_model
-        from diki_edge.runtime import Predictor
+        from diki_edge_export import export_model
+        from diki_edge_runtime import Predictor
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         bank_path = self.engine.bank(self.learned).save(self.work_dir / "bank.safetensors")
@@ -465,7 +465,7 @@ class OnnxDiki(Method):
         key = set_key(task, holdout)
         if key not in self._pixels:
             if self.pixels_from == "runtime" and task.test_images is not None:
-                from diki_edge.runtime import load_rgb
+                from diki_edge_runtime import load_rgb
 
                 pre = self.predictor.preprocess
                 self._pixels[key] = np.stack([pre(load_rgb(im)) for im in task.test_images]).astype(np.float32)

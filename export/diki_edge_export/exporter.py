@@ -1,0 +1,501 @@
+"""``export_model``: bank + backbone -> a validated, self-contained model folder (DESIGN 2.1, issue 3).
+
+Folder layout (written into a temporary sibling folder, renamed into place only after validation passed)::
+
+    model.onnx            the graph (model.onnx.data alongside when the graph exceeds 2 GB)
+    bank.safetensors      a copy of the bank; TaskBank.load(...).graph_inputs() are the graph's bank inputs
+    preprocess.json       size, mode, mean, std, interpolation, resize_mode, fill_color (open_clip's eval transform)
+    manifest.json         format version, inputs/outputs, backbone + hash, bank layout, opset, exporter,
+                          precision, skip threshold, validation figures, validated providers
+
+Decisions (also in the README's architecture section):
+
+* **Exporter**: the TorchScript-based exporter (``dynamo=False``) is the default. The graph needs a
+  data-dependent sub-batch (``nonzero`` -> ``index_select`` -> encoder -> ``index_put``) with dynamic ``B``,
+  ``T``, ``C``; the tracing exporter turns that into plain ONNX ops that were measured to match PyTorch to ~1e-7
+  (DESIGN 2.1) and exports ViT-B in seconds. ``dynamo=True`` (torch.export) is accepted and validated the same
+  way, but has to reason about unbacked sizes through open_clip and is slower to export.
+* **Zero-row sub-batches** (a batch where every image is unfamiliar) are handled by making every reshape in
+  the image tower batch-leading with no ``-1`` (:mod:`diki_edge_export.graph`), so no ``If`` is needed.
+* **Skip threshold**: ``skip_below = 1e-6`` (``CalibratedDiki``'s default). The branch enters each adapted
+  layer as ``M * softmax(.) V_r``, so below ``M = 1e-6`` its effect on the embedding is of order
+  ``1e-6 * |V_r|``, two orders under the 1e-4 parity bound; unfamiliar images have ``M`` of 1e-10 .. 0 anyway
+  (``sigmoid(S/D - 1)`` of very negative log-densities).
+* **int8**: ONNX Runtime dynamic quantisation (int8 weights per output channel, uint8 activations quantised
+  per call) of the encoder's MatMul/Gemm nodes. The Gaussian scoring, selection and class table read graph
+  inputs and stay float32. Bound: embedding cosine with fp32 >= 0.98 for every image and top-1 agreement >= 90 %
+  over the validation set — see ``validate.INT8_MIN_COSINE`` for the justification.
+* **fp16**: both encoder passes in float16 inside an otherwise float32 graph (the Gaussian log-densities reach
+  1e5..1e6 and would overflow float16); inputs and outputs stay float32 so the runtime feeds the same arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from diki_edge_export.errors import ExportError
+from diki_edge_runtime.errors import DikiEdgeError
+from diki_edge_runtime.contract import (BANK_FILE, EXTERNAL_DATA_FILE, INPUT_NAMES, MANIFEST_FILE, MANIFEST_FORMAT_VERSION,
+                                   MODEL_FILE, OUTPUT_NAMES, PREPROCESS_FILE, dynamic_axes, resolved_io)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_OPSET = 18
+DEFAULT_DYNAMO = False
+DEFAULT_SKIP_BELOW = 1e-6  # == diki_edge.calibrated.DEFAULT_SKIP_BELOW (kept torch-free here)
+EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    model_path: Path
+    manifest: dict[str, Any]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_bytes(self) -> int:
+        total = self.model_path.stat().st_size
+        data = self.model_path.with_name(EXTERNAL_DATA_FILE)
+        return total + (data.stat().st_size if data.exists() else 0)
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        return self.manifest["validation"]
+
+
+class _Steps:
+    """Rich progress lines: a spinner while a step runs, a tick with its duration when it ends."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+
+        self.console = Console(quiet=quiet, highlight=False)
+        self.timings: dict[str, float] = {}
+
+    def run(self, label: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        with self.console.status(f"{label} …"):
+            result = fn(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        self.timings[label] = dt
+        self.console.print(f"[green]✓[/green] {label} [dim]({dt:.1f} s)[/dim]")
+        return result
+
+
+def preprocess_json(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The backbone's open_clip ``preprocess_cfg`` with every field explicit (``size`` as ``[H, W]``)."""
+    from open_clip.transform import PreprocessCfg
+
+    full = {**PreprocessCfg().__dict__, **(cfg or {})}
+    size = full["size"]
+    size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
+    return {
+        "size": size,
+        "mode": str(full["mode"]),
+        "mean": [float(x) for x in full["mean"]],
+        "std": [float(x) for x in full["std"]],
+        "interpolation": str(full["interpolation"]),
+        "resize_mode": str(full["resize_mode"]),
+        "fill_color": int(full["fill_color"]),
+    }
+
+
+def _unwrapped_copy(clip):
+    """A deep copy of an open_clip CLIP with any previously injected residual wrappers removed."""
+    from diki_edge.model import ResidualKVAttention, _text_transformer
+
+    clip = copy.deepcopy(clip)
+    for blocks in (clip.visual.transformer.resblocks, _text_transformer(clip).resblocks):
+        for block in blocks:
+            if isinstance(getattr(block, "attn", None), ResidualKVAttention):
+                block.attn = block.attn.frozen
+    return clip
+
+
+def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
+    from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, weights_hash
+
+    spec = bank.layout.backbone
+    if backbone is None:
+        if model is None and not spec.get("model"):
+            raise ExportError("the bank does not name its backbone; pass --model (and --pretrained)")
+        if model is None and pretrained is None:
+            backbone = backbone_from_spec(spec)
+        else:
+            backbone = load_backbone(model or spec["model"], pretrained)
+    elif not isinstance(backbone, Backbone):
+        raise ExportError(f"backbone must be a diki_edge.backbone.Backbone, got {type(backbone).__name__}")
+    clip = _unwrapped_copy(backbone.model).eval()
+    digest = weights_hash(clip)
+    if digest != bank.layout.backbone_hash:
+        raise ExportError(
+            f"the bank was made for backbone {spec.get('model')!r} (pretrained {spec.get('pretrained')!r}, weights "
+            f"sha256 {bank.layout.backbone_hash[:12]}), but the backbone being exported "
+            f"({backbone.spec.get('model')!r}, pretrained {backbone.spec.get('pretrained')!r}) has weights "
+            f"{digest[:12]}; export with the backbone the bank was trained on (--model/--pretrained)")
+    return backbone, clip, digest
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
+
+
+def _export_onnx(graph, example: tuple, path: Path, opset: int, dynamo: bool) -> None:
+    import torch
+
+    from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
+
+    kwargs: dict[str, Any] = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                  dynamic_axes=dynamic_axes(), opset_version=opset, dynamo=dynamo)
+    if dynamo:
+        kwargs.update(external_data=True, optimize=True)
+    else:
+        kwargs.update(do_constant_folding=True)
+    try:
+        with torch.no_grad(), mha_fastpath_disabled(), static_reshapes(graph.diki.clip.visual), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, example, str(path), **kwargs)
+    except DikiEdgeError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = " (try dynamo=False, the default exporter)" if dynamo else ""
+        raise ExportError(f"torch.onnx.export ({'dynamo' if dynamo else 'torchscript'}) failed: "
+                          f"{type(exc).__name__}: {first[:500]}{hint}") from exc
+
+
+def _finalize_onnx(scratch: Path, dest_dir: Path) -> Path:
+    """Move the exported graph into ``dest_dir/model.onnx`` (external data when > 2 GB) and run the checker."""
+    import onnx
+
+    src = scratch / MODEL_FILE
+    total = sum(p.stat().st_size for p in scratch.iterdir() if p.is_file())
+    dest = dest_dir / MODEL_FILE
+    if total > EXTERNAL_DATA_ABOVE or any(p.name != MODEL_FILE for p in scratch.iterdir()):
+        proto = onnx.load(str(src), load_external_data=True)
+        onnx.save_model(proto, str(dest), save_as_external_data=total > EXTERNAL_DATA_ABOVE,
+                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        del proto
+    else:
+        shutil.move(str(src), str(dest))
+    onnx_check(dest)
+    return dest
+
+
+def _inline_weight_identities(src: Path, dest: Path) -> None:
+    """Point every consumer of ``Identity(initializer)`` at the initializer itself and drop the Identity.
+
+    The tracing exporter de-duplicates the weights that pass 1 and pass 2 share through Identity nodes; the
+    quantiser only quantises MatMuls whose B input *is* an initializer, so without this pass 2 would stay float32
+    and the float32 weights would be kept next to the int8 ones.
+    """
+    import onnx
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(dest))
+
+
+def _quantize_int8(src: Path, dest: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    prepared = dest.with_name("_prepared.onnx")
+    _inline_weight_identities(src, prepared)
+    src = prepared
+
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint through the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+        prepared.unlink(missing_ok=True)
+
+
+def _session(path: Path, provider: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+
+
+def _fp16_providers() -> list[str]:
+    """Execution providers available here that have float16 kernels for the encoder (not the CPU EP)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "DmlExecutionProvider",
+                        "CoreMLExecutionProvider") if p in available]
+
+
+def validation_table(validations: dict[str, Any]):
+    """A rich Table of the validation figures (one row per variant and case)."""
+    from rich.table import Table
+
+    providers = ", ".join(sorted({f"{n} on {v.provider.replace('ExecutionProvider', '')}"
+                                  for n, v in validations.items()}))
+    table = Table(title=f"validation: ONNX Runtime ({providers}) vs PyTorch CalibratedDiki", title_justify="left")
+    for col in ("graph", "case", "n", "p2", "embeds", "scores", "M", "task", "top1"):
+        table.add_column(col, justify="left" if col in ("graph", "case") else "right", no_wrap=True)
+    for name, v in validations.items():
+        mark = "[green]✓[/green]" if v.passed else "[red]✗[/red]"
+        label = f"{mark} {name}"
+        for c in v.cases:
+            n = c["batch"]
+            if name == "fp32":
+                table.add_row(label, c["name"], str(n), str(c["pass2_rows"]), f"{c['embeds_max_abs']:.1e}",
+                              f"{c['scores_max_rel']:.1e}", f"{c['weight_max_abs']:.0e}",
+                              f"{n - c['task_mismatches']}/{n}", f"{n - c['top1_mismatches']}/{n}")
+            else:
+                table.add_row(label, c["name"], str(n), "", f"{c['cosine_min']:.5f}", "",
+                              f"{c['weight_max_abs']:.0e}", f"{c['task_agree']}/{n}", f"{c['top1_agree']}/{n}")
+    table.caption = ("p2: images that ran pass 2; embeds: max |Δ| (fp32) or min cosine (fp16/int8).  fp32: embeds ≤ 1e-4, scores rel ≤ 1e-5, M ≤ 1e-5, same task/top-1.  "
+                     f"fp16: cos ≥ {_v().FP16_MIN_COSINE}.  int8: cos ≥ {_v().INT8_MIN_COSINE}, "
+                     f"top-1 ≥ {_v().INT8_MIN_TOP1_AGREEMENT:.0%}")
+    table.caption_justify = "left"
+    return table
+
+
+def _v():
+    from diki_edge_export import validate
+
+    return validate
+
+
+def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
+                 pretrained: str | None = None, backbone=None, precision: str = "fp32", force: bool = False,
+                 opset: int = DEFAULT_OPSET, dynamo: bool = DEFAULT_DYNAMO, skip_below: float = DEFAULT_SKIP_BELOW,
+                 quiet: bool = False) -> ExportResult:
+    """Export ``bank_path``'s backbone + calibrated inference to ``out_dir`` and validate it (see module doc).
+
+    ``model``/``pretrained`` default to the backbone named in the bank; ``backbone`` (a loaded
+    :class:`~diki_edge.backbone.Backbone`) skips loading. Raises :class:`ExportError` (or ``BankError`` /
+    ``BackboneError``) with a readable message; on any failure ``out_dir`` is left untouched.
+    """
+    t_start = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if int(opset) < 18:
+        raise ExportError(f"opset {opset} is too old; diki-edge exports with opset >= 18")
+    if not skip_below >= 0.0:
+        raise ExportError(f"skip_below must be >= 0 (got {skip_below})")
+    out_dir = Path(out_dir)
+    bank_path = Path(bank_path)
+    _check_out_dir(out_dir, force)
+    steps = _Steps(quiet)
+    console = steps.console
+
+    import torch
+
+    from diki_edge_runtime.bank import TaskBank
+    from diki_edge.calibrated import CalibratedDiki
+    from diki_edge_export import validate as V
+    from diki_edge_export.graph import ExportGraph, check_visual
+    from diki_edge.layout import layout_for
+    from diki_edge.model import DikiCLIP
+
+    bank = steps.run(f"loading bank {bank_path}", TaskBank.load, bank_path)
+    if bank.num_tasks == 0:
+        raise ExportError(f"{bank_path}: the bank has no tasks; add at least one task before exporting")
+    if not bank.class_names:
+        raise ExportError(f"{bank_path}: the bank's tasks have no classes")
+    backbone, clip, digest = steps.run("loading backbone and checking its weights hash", _load_backbone,
+                                       bank, model, pretrained, backbone)
+    lay = bank.layout
+    check_visual(clip.visual)
+    try:
+        diki = DikiCLIP(clip, residual_length=lay.residual_length, image_layers=lay.image_layers,
+                        text_layers=lay.text_layers).eval()
+    except (ValueError, TypeError) as exc:
+        raise ExportError(f"the bank's adapter layout does not fit this backbone: {exc}") from None
+    expected = layout_for(backbone, diki, levels=lay.calibration_levels, ridge=lay.ridge)
+    expected.backbone = {**expected.backbone, "weights_sha256": digest}
+    problem = expected.compatibility_problem(lay)
+    if problem:
+        raise ExportError(f"{bank_path}: bank does not fit this backbone: {problem}")
+    calibrated = CalibratedDiki(diki, skip_below=skip_below).eval()
+    prep = preprocess_json(backbone.preprocess_cfg)
+    image_size = (prep["size"][0], prep["size"][1])
+    inputs = bank.graph_inputs()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        scratch = tmp / "_scratch"
+        scratch.mkdir()
+        g = torch.Generator().manual_seed(0)
+        example = (torch.randn(2, 3, *image_size, generator=g),) + tuple(
+            torch.from_numpy(inputs[k].copy()) for k in INPUT_NAMES[1:])
+        encoder_dtype = torch.float16 if precision == "fp16" else torch.float32
+        graph = ExportGraph(calibrated, encoder_dtype=encoder_dtype).eval()
+        exporter = "dynamo" if dynamo else "torchscript"
+        steps.run(f"exporting {precision} graph ({exporter}, opset {opset})", _export_onnx, graph, example,
+                  scratch / MODEL_FILE, opset, dynamo)
+        del graph
+        base_dir = tmp if precision != "int8" else tmp / "_fp32"
+        base_dir.mkdir(exist_ok=True)
+        base_path = steps.run("onnx.checker", _finalize_onnx, scratch, base_dir)
+
+        cases = steps.run("preparing validation images (scikit-image) and probe bank", V.validation_cases,
+                          inputs, diki, backbone.preprocess_cfg, image_size)
+        refs = steps.run("PyTorch reference (CalibratedDiki)", V.reference_outputs, calibrated, cases)
+        validations: dict[str, Any] = {}
+        validated_providers: list[str] = []
+        not_validated: str | None = None
+        cpu = "CPUExecutionProvider"
+        if precision in ("fp32", "int8"):
+            sess = steps.run("ONNX Runtime session (fp32, CPU)", _session, base_path, cpu)
+            validations["fp32"] = steps.run("validating fp32 against PyTorch", V.validate_fp32, calibrated,
+                                            V.onnx_runner(sess), cases, cpu, refs)
+            del sess
+            if validations["fp32"].passed:
+                validated_providers.append(cpu)
+        if precision == "int8" and validations["fp32"].passed:
+            steps.run("dynamic int8 quantisation (onnxruntime.quantization)", _quantize_int8, base_path,
+                      tmp / MODEL_FILE)
+            steps.run("onnx.checker (int8)", onnx_check, tmp / MODEL_FILE)
+            sess = steps.run("ONNX Runtime session (int8, CPU)", _session, tmp / MODEL_FILE, cpu)
+            validations["int8"] = steps.run("validating int8 against fp32", V.validate_variant, "int8",
+                                            V.onnx_runner(sess), cases, cpu, refs, V.INT8_MIN_COSINE,
+                                            V.INT8_MIN_TOP1_AGREEMENT)
+            del sess
+        if precision == "fp16":
+            providers = _fp16_providers() + [cpu]
+            reasons = []
+            for provider in providers:
+                try:
+                    sess = _session(base_path, provider)
+                    run = V.onnx_runner(sess)
+                    run(cases[0].pixels[:1], cases[0].inputs)
+                except Exception as exc:  # no fp16 kernels for some node on this provider
+                    reasons.append(f"{provider}: {str(exc).strip().splitlines()[0][:200]}")
+                    continue
+                validations["fp16"] = steps.run(f"validating fp16 against fp32 ({provider})", V.validate_variant,
+                                                "fp16", run, cases, provider, refs, V.FP16_MIN_COSINE)
+                break
+            if "fp16" not in validations:
+                not_validated = ("fp16 graph not validated: no execution provider available here can run it ("
+                                 + "; ".join(reasons) + "); validate on a CUDA machine")
+            elif validations["fp16"].provider == cpu:
+                note = ("fp16 validated on the CPU provider only; the CUDA provider it targets was not "
+                        "available here")
+                not_validated = note
+            if validations.get("fp16") is not None and validations["fp16"].passed:
+                validated_providers.append(validations["fp16"].provider)
+
+        if validations:
+            console.print(validation_table(validations))
+        failures = [f"{name}: {msg}" for name, v in validations.items() for msg in v.failures]
+        if failures:
+            raise ExportError("export validation failed, nothing was written:\n  " + "\n  ".join(failures))
+        if not_validated:
+            console.print(f"[yellow]note:[/yellow] {not_validated}")
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp / "_fp32", ignore_errors=True)
+        shutil.copyfile(bank_path, tmp / BANK_FILE)
+        (tmp / PREPROCESS_FILE).write_text(json.dumps(prep, indent=2) + "\n")
+        manifest = _manifest(bank, backbone, digest, prep, image_size, opset, exporter, precision, skip_below,
+                             validations, validated_providers, not_validated, tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t_start
+    result = ExportResult(out_dir, out_dir / MODEL_FILE, manifest, seconds, dict(steps.timings))
+    console.print(f"[bold green]exported[/bold green] {out_dir} ({precision}, "
+                  f"{result.model_bytes / 1e6:.1f} MB graph, {seconds:.1f} s)")
+    return result
+
+
+def onnx_check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected {path.name}: {exc}") from exc
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        _check_out_dir(out_dir, force)  # again: the folder may have appeared while exporting
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _manifest(bank, backbone, digest, prep, image_size, opset, exporter, precision, skip_below, validations,
+              validated_providers, not_validated, folder: Path) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import diki_edge
+
+    io = resolved_io(bank.layout, image_size)
+    manifest: dict[str, Any] = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "inputs": io["inputs"],
+        "outputs": io["outputs"],
+        "files": {
+            "model": MODEL_FILE,
+            **({"model_data": EXTERNAL_DATA_FILE} if (folder / EXTERNAL_DATA_FILE).exists() else {}),
+            "bank": BANK_FILE, "preprocess": PREPROCESS_FILE,
+        },
+        "backbone": {**backbone.spec, "weights_sha256": digest, "preprocess": prep},
+        "bank_layout": bank.layout.to_json(),
+        "bank": {"tasks": bank.task_names, "classes": len(bank.class_names)},
+        "opset": int(opset),
+        "exporter": exporter,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "diki_edge_version": diki_edge.__version__,
+        "precision": precision,
+        "skip_below": float(skip_below),
+        "validation": {name: v.to_json() for name, v in validations.items()},
+        "validated_providers": validated_providers,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not_validated:
+        manifest["not_validated"] = not_validated
+    return manifest

@@ -1,0 +1,430 @@
+"""The task bank: every per-task array stacked along a leading task axis, in one safetensors file.
+
+A bank is what training produces and what the exported graph and the runtime consume. DIKI tasks are
+independent (each has its own slice, nothing is shared), so banks trained separately merge without retraining.
+
+Arrays (names are those of the graph inputs where the graph consumes them, DESIGN 2.1):
+
+==================  =========================  =====================================================
+name                shape / dtype              meaning
+==================  =========================  =====================================================
+``bank_k``          [T, L_img, l, W_img] f32   image-encoder residual keys
+``bank_v``          [T, L_img, l, W_img] f32   image-encoder residual values
+``text_k``          [T, L_txt, l, W_txt] f32   text-encoder residual keys (used offline only)
+``text_v``          [T, L_txt, l, W_txt] f32   text-encoder residual values
+``gauss_mean``      [T, D] f32                 task means of the frozen normalised image embeddings
+``gauss_whiten``    [T, D, D] f32              inverse Cholesky factors (computed in float64)
+``gauss_const``     [T] f32                    -0.5 (D log 2pi + log|Sigma|)
+``stats_count``     [T] i64                    sufficient statistics, float64, so tasks can be
+``stats_sum``       [T, D] f64                 re-finalised (other ridge) or merged with more data
+``stats_outer``     [T, D, D] f64
+``class_embeds``    [G, C, D] f32              class text embeddings at G calibration levels (DESIGN 2.2)
+``class_task``      [C] i64                    task index of each class
+==================  =========================  =====================================================
+
+The JSON metadata (safetensors ``__metadata__["diki_edge"]``) names the format version, backbone, adapted depth,
+``l``, dims, calibration grid and per-task name, classes, template and sample count.
+
+numpy + safetensors only: the runtime loads banks without torch. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diki_edge_runtime.errors import BankError
+from diki_edge_runtime.gaussian import GaussianScoring, GaussianStats
+
+FORMAT_VERSION = 1
+METADATA_KEY = "diki_edge"
+
+# Arrays with a leading task axis; everything in a task's slice.
+TASK_ARRAYS = (
+    "bank_k",
+    "bank_v",
+    "text_k",
+    "text_v",
+    "gauss_mean",
+    "gauss_whiten",
+    "gauss_const",
+    "stats_count",
+    "stats_sum",
+    "stats_outer",
+)
+CLASS_ARRAYS = ("class_embeds", "class_task")
+# What the exported graph consumes; a runtime loads only these (``TaskBank.load(..., graph_only=True)``).
+GRAPH_ARRAYS = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
+ARRAY_DTYPES = {
+    "bank_k": np.float32,
+    "bank_v": np.float32,
+    "text_k": np.float32,
+    "text_v": np.float32,
+    "gauss_mean": np.float32,
+    "gauss_whiten": np.float32,
+    "gauss_const": np.float32,
+    "stats_count": np.int64,
+    "stats_sum": np.float64,
+    "stats_outer": np.float64,
+    "class_embeds": np.float32,
+    "class_task": np.int64,
+}
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    classes: list[str]
+    template: str = "a photo of a {}."
+    num_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "template": self.template,
+            "num_samples": int(self.num_samples),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TaskInfo":
+        return cls(d["name"], list(d["classes"]), d.get("template", "a photo of a {}."), int(d.get("num_samples", 0)),
+                   dict(d.get("extra", {})))
+
+
+@dataclass
+class BankLayout:
+    """Everything that must agree between a bank, a backbone and an exported graph."""
+
+    backbone: dict[str, Any]  # {"model", "pretrained", "weights_sha256", ...}
+    image_layers: int  # adapted blocks in the image encoder (the first ones)
+    text_layers: int
+    residual_length: int  # l
+    image_width: int
+    text_width: int
+    embed_dim: int  # D
+    calibration_levels: list[float]  # the G grid points of M for class_embeds
+    ridge: float
+    logit_scale: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BankLayout":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def shapes(self, tasks: int, classes: int) -> dict[str, tuple[int, ...]]:
+        t, d, g = tasks, self.embed_dim, len(self.calibration_levels)
+        img = (t, self.image_layers, self.residual_length, self.image_width)
+        txt = (t, self.text_layers, self.residual_length, self.text_width)
+        return {
+            "bank_k": img, "bank_v": img, "text_k": txt, "text_v": txt,
+            "gauss_mean": (t, d), "gauss_whiten": (t, d, d), "gauss_const": (t,),
+            "stats_count": (t,), "stats_sum": (t, d), "stats_outer": (t, d, d),
+            "class_embeds": (g, classes, d), "class_task": (classes,),
+        }
+
+    @property
+    def backbone_hash(self) -> str:
+        return str(self.backbone.get("weights_sha256", ""))
+
+    def compatibility_problem(self, other: "BankLayout") -> str | None:
+        """Why a bank with layout ``other`` cannot be used where ``self`` is expected, or None."""
+        if self.backbone_hash != other.backbone_hash:
+            return (f"backbone weights differ (hash {other.backbone_hash[:12]} vs expected "
+                    f"{self.backbone_hash[:12]}; model {other.backbone.get('model')!r} vs "
+                    f"{self.backbone.get('model')!r})")
+        for key in ("image_layers", "text_layers", "residual_length", "image_width", "text_width", "embed_dim"):
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} differs ({getattr(other, key)} vs expected {getattr(self, key)})"
+        if not np.allclose(self.calibration_levels, other.calibration_levels):
+            return "calibration levels of the class text table differ"
+        if not np.isclose(self.logit_scale, other.logit_scale):
+            return f"logit scale differs ({other.logit_scale} vs expected {self.logit_scale})"
+        return None
+
+
+@dataclass
+class TaskSlice:
+    """One task's arrays (no task axis) plus its metadata: what training produces and a bank appends."""
+
+    info: TaskInfo
+    image_k: np.ndarray  # [L_img, l, W_img]
+    image_v: np.ndarray
+    text_k: np.ndarray  # [L_txt, l, W_txt]
+    text_v: np.ndarray
+    stats: GaussianStats
+    class_embeds: np.ndarray  # [G, C_task, D]
+
+
+class TaskBank:
+    """An in-memory bank: layout + per-task metadata + stacked arrays. Immutable operations return new banks."""
+
+    def __init__(self, layout: BankLayout, tasks: list[TaskInfo], arrays: dict[str, np.ndarray],
+                 graph_only: bool = False):
+        self.layout = layout
+        self.tasks = tasks
+        self.arrays = arrays
+        # A graph-only bank (what a runtime loads) lacks the training arrays: it can be run, not edited or saved.
+        self.graph_only = graph_only
+        problem = self._shape_problem()
+        if problem:
+            raise BankError(problem)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def empty(cls, layout: BankLayout) -> "TaskBank":
+        shapes = layout.shapes(0, 0)
+        arrays = {k: np.zeros(s, ARRAY_DTYPES[k]) for k, s in shapes.items()}
+        return cls(layout, [], arrays)
+
+    def with_task(self, task: TaskSlice) -> "TaskBank":
+        """A new bank with ``task`` appended (or replacing the task of the same name, in place)."""
+        self._require_full("add a task to")
+        info = task.info
+        scoring: GaussianScoring = task.stats.finalize(self.layout.ridge)
+        per_task = {
+            "bank_k": task.image_k, "bank_v": task.image_v, "text_k": task.text_k, "text_v": task.text_v,
+            "gauss_mean": scoring.mean, "gauss_whiten": scoring.whiten, "gauss_const": np.asarray(scoring.const),
+            "stats_count": np.asarray(task.stats.count), "stats_sum": task.stats.total,
+            "stats_outer": task.stats.outer,
+        }
+        expected = self.layout.shapes(1, len(info.classes))
+        for name, arr in per_task.items():
+            if tuple(np.shape(arr)) != expected[name][1:]:
+                raise BankError(f"task {info.name!r}: array {name} has shape {list(np.shape(arr))}, "
+                                f"expected {list(expected[name][1:])}")
+        if tuple(task.class_embeds.shape) != expected["class_embeds"]:
+            raise BankError(f"task {info.name!r}: class_embeds has shape {list(task.class_embeds.shape)}, "
+                            f"expected {list(expected['class_embeds'])}")
+        bank = self.without(info.name) if info.name in self.task_names else self
+        index = self.task_names.index(info.name) if info.name in self.task_names else bank.num_tasks
+        single = {k: np.asarray(v, ARRAY_DTYPES[k])[None] for k, v in per_task.items()}
+        single["class_embeds"] = np.asarray(task.class_embeds, np.float32)
+        single["class_task"] = np.zeros(len(info.classes), np.int64)
+        added = TaskBank(self.layout, [info], single)
+        return bank._insert(added, index)
+
+    def merged(self, other: "TaskBank") -> "TaskBank":
+        """Append every task of ``other`` (same backbone and layout; task names must not collide)."""
+        problem = self.layout.compatibility_problem(other.layout)
+        if problem:
+            raise BankError(f"cannot merge banks: {problem}")
+        clash = sorted(set(self.task_names) & set(other.task_names))
+        if clash:
+            raise BankError(f"cannot merge banks: task names {clash} exist in both (rename one first)")
+        return self._insert(other, self.num_tasks)
+
+    def without(self, name: str) -> "TaskBank":
+        index = self._index(name)
+        keep = [i for i in range(self.num_tasks) if i != index]
+        return self.select(keep)
+
+    def renamed(self, old: str, new: str) -> "TaskBank":
+        index = self._index(old)
+        if new in self.task_names:
+            raise BankError(f"a task named {new!r} already exists")
+        tasks = copy.deepcopy(self.tasks)
+        tasks[index].name = new
+        return TaskBank(self.layout, tasks, dict(self.arrays), graph_only=self.graph_only)
+
+    def _require_full(self, action: str) -> None:
+        if self.graph_only:
+            raise BankError(f"cannot {action} a bank loaded without its training arrays (graph_only=True); "
+                            "load it in full")
+
+    def select(self, indices: list[int]) -> "TaskBank":
+        """A bank holding only the given tasks, in the given order."""
+        self._require_full("select tasks of")
+        idx = np.asarray(indices, np.int64)
+        arrays = {k: self.arrays[k][idx] for k in TASK_ARRAYS}
+        class_task = self.arrays["class_task"]
+        cols, new_task = [], []
+        for new_i, old_i in enumerate(indices):
+            c = np.nonzero(class_task == old_i)[0]
+            cols.append(c)
+            new_task.append(np.full(len(c), new_i, np.int64))
+        cols_arr = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        arrays["class_embeds"] = self.arrays["class_embeds"][:, cols_arr]
+        arrays["class_task"] = np.concatenate(new_task) if new_task else np.zeros(0, np.int64)
+        return TaskBank(self.layout, [copy.deepcopy(self.tasks[i]) for i in indices], arrays)
+
+    def _insert(self, other: "TaskBank", index: int) -> "TaskBank":
+        other._require_full("merge")
+        order = list(range(self.num_tasks))
+        left, right = self.select(order[:index]), self.select(order[index:])
+        arrays = {}
+        for k in TASK_ARRAYS:
+            arrays[k] = np.concatenate([left.arrays[k], other.arrays[k], right.arrays[k]], axis=0)
+        arrays["class_embeds"] = np.concatenate(
+            [left.arrays["class_embeds"], other.arrays["class_embeds"], right.arrays["class_embeds"]], axis=1)
+        arrays["class_task"] = np.concatenate([
+            left.arrays["class_task"],
+            other.arrays["class_task"] + left.num_tasks,
+            right.arrays["class_task"] + left.num_tasks + other.num_tasks,
+        ])
+        tasks = copy.deepcopy(left.tasks + other.tasks + right.tasks)
+        return TaskBank(self.layout, tasks, arrays)
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Every class of every task, in the column order of ``class_embeds`` / the graph's logits."""
+        return [c for t in self.tasks for c in t.classes]
+
+    def _index(self, name: str) -> int:
+        try:
+            return self.task_names.index(name)
+        except ValueError:
+            raise BankError(f"no task named {name!r} in the bank (tasks: {self.task_names})") from None
+
+    def task_slice(self, name_or_index: str | int) -> TaskSlice:
+        self._require_full("take a task slice of")
+        i = self._index(name_or_index) if isinstance(name_or_index, str) else int(name_or_index)
+        a = self.arrays
+        stats = GaussianStats(int(a["stats_count"][i]), a["stats_sum"][i].copy(), a["stats_outer"][i].copy())
+        cols = np.nonzero(a["class_task"] == i)[0]
+        return TaskSlice(copy.deepcopy(self.tasks[i]), a["bank_k"][i], a["bank_v"][i], a["text_k"][i], a["text_v"][i],
+                         stats, a["class_embeds"][:, cols])
+
+    def graph_inputs(self) -> dict[str, np.ndarray]:
+        """The bank arrays exactly as the exported graph takes them (DESIGN 2.1)."""
+        return {k: np.ascontiguousarray(self.arrays[k]) for k in GRAPH_ARRAYS}
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def _shape_problem(self) -> str | None:
+        expected = self.layout.shapes(self.num_tasks, len(self.class_names))
+        for name, shape in expected.items():
+            if name not in self.arrays:
+                if self.graph_only and name not in GRAPH_ARRAYS:
+                    continue
+                return f"array {name!r} is missing"
+            arr = self.arrays[name]
+            if tuple(arr.shape) != shape:
+                return f"array {name!r} has shape {list(arr.shape)}, expected {list(shape)}"
+        ct = self.arrays["class_task"]
+        for i, t in enumerate(self.tasks):
+            if int(np.sum(ct == i)) != len(t.classes):
+                return f"class_task does not match the {len(t.classes)} classes of task {t.name!r}"
+        if len(set(self.task_names)) != len(self.task_names):
+            return f"duplicate task names {self.task_names}"
+        return None
+
+    # ----------------------------------------------------------------- files
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "layout": self.layout.to_json(),
+            "tasks": [t.to_json() for t in self.tasks],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
+        from safetensors.numpy import save_file
+
+        self._require_full("save")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v.astype(ARRAY_DTYPES[k], copy=False)) for k, v in self.arrays.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(arrays, tmp, metadata={METADATA_KEY: json.dumps(self.metadata())})
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False) -> "TaskBank":
+        """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout.
+
+        ``graph_only`` reads just the arrays the exported graph consumes (a runtime's view: no float64
+        statistics, no text adapters — about a third of the memory for D = 512); such a bank cannot be saved.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"{path}: bank file not found")
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
+                keys = [k for k in fh.keys() if not graph_only or k in GRAPH_ARRAYS]
+                arrays = {k: fh.get_tensor(k) for k in keys}
+        except Exception as exc:  # safetensors raises several types for truncated or foreign files
+            raise BankError(f"{path}: not a readable safetensors bank (truncated or corrupt?): {exc}") from None
+        if raw_meta is None:
+            raise BankError(f"{path}: no diki-edge metadata (not a diki-edge bank file)")
+        try:
+            meta = json.loads(raw_meta)
+            version = int(meta["format_version"])
+        except Exception:
+            raise BankError(f"{path}: diki-edge metadata is not valid JSON with a format_version") from None
+        if version > FORMAT_VERSION:
+            raise BankError(f"{path}: bank format version {version} is newer than this diki-edge supports "
+                            f"({FORMAT_VERSION}); upgrade diki-edge")
+        if version < 1:
+            raise BankError(f"{path}: unknown bank format version {version}")
+        try:
+            layout = BankLayout.from_json(meta["layout"])
+            tasks = [TaskInfo.from_json(t) for t in meta["tasks"]]
+        except Exception as exc:
+            raise BankError(f"{path}: malformed bank metadata: {exc!r}") from None
+        for name, dtype in ARRAY_DTYPES.items():
+            if name in arrays and arrays[name].dtype != dtype:
+                raise BankError(f"{path}: array {name!r} has dtype {arrays[name].dtype}, expected {np.dtype(dtype)}")
+        try:
+            bank = cls(layout, tasks, arrays, graph_only=graph_only)
+        except BankError as exc:
+            raise BankError(f"{path}: {exc}") from None
+        if expect is not None:
+            problem = expect.compatibility_problem(layout)
+            if problem:
+                raise BankError(f"{path}: bank does not fit this model: {problem}")
+        return bank
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for ``diki-edge bank show``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.layout.backbone,
+            "adapted_layers": {"image": self.layout.image_layers, "text": self.layout.text_layers},
+            "residual_length": self.layout.residual_length,
+            "embed_dim": self.layout.embed_dim,
+            "calibration_levels": len(self.layout.calibration_levels),
+            "bytes": self.nbytes(),
+            "trainable_parameters_per_task": self.trainable_parameters_per_task(),
+            "tasks": [
+                {"name": t.name, "classes": len(t.classes), "samples": t.num_samples, "template": t.template,
+                 "class_names": t.classes}
+                for t in self.tasks
+            ],
+        }
+
+    def trainable_parameters_per_task(self) -> int:
+        lay = self.layout
+        return 2 * lay.residual_length * (lay.image_layers * lay.image_width + lay.text_layers * lay.text_width)

@@ -1,0 +1,102 @@
+"""``diki-edge bank show | merge | remove | rename``: inspect and edit task banks, torch-free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diki_edge_runtime.errors import DikiEdgeError
+
+bank_app = typer.Typer(no_args_is_help=True, help="Inspect and edit task banks (show, merge, remove, rename).")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load_bank(path: Path):
+    from diki_edge_runtime.bank import TaskBank
+
+    try:
+        return TaskBank.load(path)
+    except DikiEdgeError as exc:
+        fail(str(exc))
+
+
+@bank_app.command("show")
+def bank_show(path: Path = typer.Argument(..., help="Bank file."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Tasks, classes, sizes and backbone of a bank."""
+    b = _load_bank(path)
+    info = b.describe()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    bb = info["backbone"]
+    out.print(f"[bold]{path}[/]  format v{info['format_version']}  backbone {bb.get('model')} "
+              f"({bb.get('pretrained')}, sha256 {str(bb.get('weights_sha256'))[:12]})", highlight=False)
+    out.print(f"adapted layers: image {info['adapted_layers']['image']}, text {info['adapted_layers']['text']}; "
+              f"l = {info['residual_length']}; D = {info['embed_dim']}; "
+              f"{info['trainable_parameters_per_task']:,} trainable parameters per task; "
+              f"{info['bytes'] / 1e6:.2f} MB of arrays", highlight=False)
+    table = Table("#", "task", "classes", "samples", "template", "class names")
+    for i, t in enumerate(info["tasks"]):
+        names = ", ".join(t["class_names"][:6]) + (" …" if len(t["class_names"]) > 6 else "")
+        table.add_row(str(i), t["name"], str(t["classes"]), str(t["samples"]), t["template"], names)
+    out.print(table)
+
+
+@bank_app.command("merge")
+def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to write."),
+               inputs: List[Path] = typer.Argument(..., help="Banks to merge, in task order."),
+               force: bool = typer.Option(False, help="Overwrite OUTPUT if it exists.")) -> None:
+    """Merge banks trained separately on the same backbone into one (no retraining)."""
+    if output.exists() and not force:
+        fail(f"{output} exists (use --force to overwrite)")
+    banks = [_load_bank(p) for p in inputs]
+    merged = banks[0]
+    try:
+        for p, b in zip(inputs[1:], banks[1:]):
+            try:
+                merged = merged.merged(b)
+            except DikiEdgeError as exc:
+                fail(f"{p}: {exc}")
+        merged.save(output)
+    except DikiEdgeError as exc:
+        fail(str(exc))
+    err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False)
+
+
+@bank_app.command("remove")
+def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...),
+                output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
+    """Remove one task from a bank."""
+    b = _load_bank(path)
+    try:
+        b.without(task).save(output or path)
+    except DikiEdgeError as exc:
+        fail(f"{path}: {exc}")
+    err.print(f"removed task {task!r} -> {output or path}", highlight=False)
+
+
+@bank_app.command("rename")
+def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...), new: str = typer.Argument(...),
+                output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
+    """Rename a task in a bank."""
+    b = _load_bank(path)
+    try:
+        b.renamed(old, new).save(output or path)
+    except DikiEdgeError as exc:
+        fail(f"{path}: {exc}")
+    err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False)
+
+

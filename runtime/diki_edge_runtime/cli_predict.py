@@ -1,0 +1,226 @@
+"""``diki-edge predict``: calibrated predictions for image files, directories and globs (torch-free).
+
+Inputs are expanded in a stable order: the arguments in the order given; a directory contributes every image
+file below it (recursively, suffixes in :data:`IMAGE_SUFFIXES`, hidden entries skipped) in sorted path order; a
+glob pattern (``*``, ``?``, ``[``; ``**`` recurses) contributes its matches in sorted order; a file is taken as
+is, whatever its suffix. A path listed twice is predicted once. A missing file, or a pattern or directory that
+matches no image, is reported as a failed input.
+
+Output: a table (input, task, M, top-k classes with probabilities) or, with ``--json``, one JSON object per input
+per line on stdout, in input order, written as each batch finishes. The schema (version 1) is stable::
+
+    {
+      "input": "photos/cat.jpg",        # the path (as expanded)
+      "ok": true,                       # false when this input failed
+      "task": "pets",                   # selected task name       (null on failure)
+      "task_index": 0,                  # its index in the bank    (null on failure)
+      "weight": 0.973214,               # calibrated familiarity M in [0, 1] (null on failure)
+      "top_k": [                        # at most --top-k classes of the selected task, best first;
+        {"class": "cat", "probability": 0.91},   # softmax over that task's classes ([] on failure)
+        {"class": "dog", "probability": 0.07}
+      ],
+      "error": null                     # or {"kind": KIND, "message": "photos/x.jpg: file not found"}
+    }
+
+``KIND`` is one of ``not_found``, ``unreadable``, ``empty``, ``not_an_image``, ``truncated``, ``too_large``,
+``unsupported``, ``inference``. Every key is always present. Informational messages (providers in use, progress
+bars) go to stderr, never to stdout.
+
+Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are still predicted and printed);
+2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider unavailable,
+ONNX Runtime not installed).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Iterable, Optional
+
+import typer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+                  ".jfif"}
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
+_GLOB_CHARS = set("*?[")
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+
+
+def _directory_images(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and _is_image_file(Path(dirpath) / name):
+                found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+class Unmatched(str):
+    """An argument that matched no file (a pattern or an image-less directory); ``message`` says so."""
+
+    message: str
+
+    def __new__(cls, arg: str, message: str) -> "Unmatched":
+        obj = super().__new__(cls, arg)
+        obj.message = message
+        return obj
+
+
+def expand_inputs(args: Iterable[str]) -> list[str]:
+    """The files to predict, in a stable order (see the module docstring). Arguments that matched nothing are
+    kept in their place as :class:`Unmatched` entries (they become failed inputs)."""
+    entries: list[str] = []
+    seen: set[str] = set()
+
+    def add(p: str) -> None:
+        key = os.path.normcase(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            entries.append(p)
+
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = _directory_images(p)
+            if not found:
+                entries.append(Unmatched(arg, f"{arg}: directory holds no image files "
+                                              f"({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            for f in found:
+                add(f)
+        elif p.exists() or not (_GLOB_CHARS & set(arg)):
+            add(arg)  # a missing literal path is predicted as a failed input ("file not found")
+        else:
+            files = []
+            for m in sorted(glob.glob(arg, recursive=True)):
+                files.extend(_directory_images(Path(m)) if Path(m).is_dir() else [m])
+            if not files:
+                entries.append(Unmatched(arg, f"{arg}: no files match this pattern"))
+            for f in files:
+                add(f)
+    return entries
+
+
+def _format_top(top_k: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{c} {p:.3f}" for c, p in top_k)
+
+
+def predict_command(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, directories (recursed) or glob patterns.",
+                                                show_default=False)],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model folder (diki-edge export).")],
+    bank: Annotated[Optional[Path], typer.Option(help="Use this bank instead of the model folder's own.")] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime execution provider: cpu or cuda.")] = "cpu",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 8,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per image per line (schema in the docs).")]
+    = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime intra-op threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
+) -> None:
+    """Predict task, familiarity M and top-k classes for images, without PyTorch."""
+    code = run_predict(inputs, model, bank=bank, provider=provider, top_k=top_k, batch_size=batch_size,
+                       json_=json_, threads=threads, quiet=quiet)
+    if code:
+        raise typer.Exit(code)
+
+
+def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, provider: str = "cpu",
+                top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
+                quiet: bool = False) -> int:
+    """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
+    from rich.console import Console
+
+    from PIL import Image
+
+    from diki_edge_runtime.errors import DikiEdgeError
+    from diki_edge_runtime.predictor import Prediction, Predictor
+
+    # the pixel limit is enforced per image (a clear per-image error); Pillow's own warning would only be noise
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
+    if not inputs:
+        err.print("[red]error:[/red] no inputs given")
+        return EXIT_USAGE
+    if top_k < 1 or batch_size < 1 or (threads is not None and threads < 1):
+        err.print("[red]error:[/red] --top-k, --batch-size and --threads must be >= 1")
+        return EXIT_USAGE
+    entries = expand_inputs(inputs)
+    paths = [e for e in entries if not isinstance(e, Unmatched)]
+    try:
+        predictor = Predictor(model, provider=provider, threads=threads, bank=bank)
+    except DikiEdgeError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_USAGE
+    if not quiet:
+        info = predictor.info()
+        err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
+                  f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
+
+    results: list[Prediction] = []
+    n_failed = 0
+
+    def emit(res: Prediction) -> None:
+        nonlocal n_failed
+        n_failed += not res.ok
+        if json_:
+            sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
+        else:
+            results.append(res)
+
+    show_progress = not quiet and len(paths) > batch_size
+    progress = None
+    if show_progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=err, transient=True)
+        progress.start()
+        bar = progress.add_task("predict", total=len(paths))
+    try:
+        on_progress = (lambda n: progress.advance(bar, n)) if progress else None
+        predicted = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, on_progress=on_progress)
+        for index, entry in enumerate(entries):  # results in argument order, unmatched arguments in place
+            if isinstance(entry, Unmatched):
+                res = Prediction(str(entry), index, error=entry.message, error_kind="not_found")
+            else:
+                res = next(predicted)
+            emit(res)
+            if json_:
+                sys.stdout.flush()
+    finally:
+        if progress:
+            progress.stop()
+
+    if not json_:
+        from rich.table import Table
+
+        table = Table(show_lines=False)
+        table.add_column("input", overflow="fold")
+        table.add_column("task")
+        table.add_column("M", justify="right")
+        table.add_column(f"top-{top_k}", overflow="fold")
+        for res in results:
+            if res.ok:
+                table.add_row(_escape(res.input), _escape(res.task), f"{res.weight:.3f}",
+                              _escape(_format_top(res.top_k)))
+            else:
+                table.add_row(_escape(res.input), "[red]error[/red]", "", f"[red]{_escape(res.error)}[/red]")
+        out.print(table)
+    if n_failed and not quiet:
+        err.print(f"{n_failed} of {len(entries)} inputs failed", markup=False)
+    return EXIT_FAILED_INPUTS if n_failed else EXIT_OK
+
+
+def _escape(text: str | None) -> str:
+    from rich.markup import escape
+
+    return escape(text or "")

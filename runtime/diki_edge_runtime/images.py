@@ -1,0 +1,198 @@
+"""Decoding runtime inputs (file paths, PIL images, numpy arrays) into 8-bit RGB PIL images.
+
+Every input goes through the same steps, which are also what training applies to its images
+(``diki_edge.data.open_rgb``), so that the runtime sees exactly what the backbone was fitted on:
+
+1. decode (paths only): ``Image.open`` reads the header, the pixel count is checked against ``max_pixels``
+   *before* any pixel is decoded (decompression bombs), then the pixels are decoded in full (a truncated file is
+   an error, never silently padded);
+2. EXIF orientation is applied (``ImageOps.exif_transpose``) — open_clip's transform does not do this itself;
+3. conversion to 8-bit RGB:
+
+   ==========================  =====================================================================
+   mode                        conversion
+   ==========================  =====================================================================
+   ``RGB``                     unchanged
+   ``L``, ``1``, ``CMYK``,     ``Image.convert("RGB")`` (CMYK by Pillow's conversion)
+   ``YCbCr``, ``LAB``, ``HSV``
+   ``RGBA``, ``LA``, ``PA``,   through ``RGBA``, alpha dropped (the colour channels are kept as stored, as
+   ``P`` (palette), ``RGBa``   ``convert("RGB")`` does; a palette is expanded before any resampling)
+   ``I;16*`` (16-bit)          scaled to 8 bits: ``round(v / 257)`` (Pillow's own conversion would clip
+                               every value above 255 to white)
+   ``I`` (32-bit int)          as 16-bit when any value exceeds 255, else taken as 8-bit values
+   ``F`` (float)               ``[0, 1]`` scaled by 255, otherwise clipped to ``[0, 255]``
+   ==========================  =====================================================================
+
+numpy inputs are ``HWC`` (or ``HW``) arrays: ``uint8`` (1, 3 or 4 channels: gray, RGB, RGBA) or ``uint16``
+(scaled as above). Anything else is refused with a clear message.
+
+Failures raise :class:`ImageError`, whose ``kind`` is one of :data:`ERROR_KINDS`; the predictor records it for that
+image and carries on with the others.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from diki_edge_runtime.errors import DikiEdgeError
+
+# 50 megapixels: far above any photo a CLIP model needs (it resizes to ~224 px), below Pillow's own warning
+# threshold (~89.5 MP). Larger files are refused before their pixels are decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+ERROR_KINDS = (
+    "not_found",  # the path does not exist (or a pattern matched nothing)
+    "unreadable",  # the path exists but cannot be read (a directory, permissions, I/O error)
+    "empty",  # a zero-byte file
+    "not_an_image",  # the bytes are not an image format Pillow knows
+    "truncated",  # the header is fine but the pixel data ends early or is corrupt
+    "too_large",  # more pixels than the limit (decompression bomb guard)
+    "unsupported",  # an image mode, array dtype or shape that has no sensible RGB conversion
+    "inference",  # the graph failed on this image
+)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class ImageError(DikiEdgeError):
+    """One input could not be turned into an image; ``kind`` is one of :data:`ERROR_KINDS`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def describe_input(item: Any, index: int) -> str:
+    """A short, stable label for an input: the path as given, or ``<PIL RGB 640x480 #3>`` / ``<array ... #3>``."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, Image.Image):
+        return f"<PIL {item.mode} {item.width}x{item.height} #{index}>"
+    if isinstance(item, np.ndarray):
+        return f"<array {item.dtype} {'x'.join(map(str, item.shape))} #{index}>"
+    return f"<{type(item).__name__} #{index}>"
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None, label: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError("unsupported", f"{label}: image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError("too_large", f"{label}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                                      f"{max_pixels} pixels (decompression-bomb guard; raise max_pixels to allow)")
+
+
+def open_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one file fully (checked against ``max_pixels`` first); returns the image in its own mode."""
+    p = Path(path)
+    label = os.fspath(path)
+    if not p.exists():
+        raise ImageError("not_found", f"{label}: file not found")
+    if not p.is_file():
+        raise ImageError("unreadable", f"{label}: not a regular file")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ImageError("unreadable", f"{label}: cannot read: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ImageError("empty", f"{label}: empty file (0 bytes)")
+    try:
+        im = Image.open(p)  # header only; Pillow itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", f"{label}: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", f"{label}: not an image (unknown or corrupt format)") from None
+    except OSError as exc:
+        raise ImageError("unreadable", f"{label}: cannot read: {exc.strerror or exc}") from None
+    try:
+        _check_pixels(im.width, im.height, max_pixels, label)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({exc})") from None
+        return im
+    except BaseException:
+        im.close()
+        raise
+
+
+def _to_rgb_pil(im: Image.Image, label: str) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        if mode == "I" and (arr.size == 0 or arr.max() <= 255):
+            scaled = np.clip(arr, 0, 255)
+        else:
+            scaled = np.clip(np.rint(arr / 257.0), 0, 255)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ImageError("unsupported", f"{label}: float image holds NaN or infinite values")
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "PA", "RGBA", "LA", "RGBa", "La") or "A" in im.getbands():
+        return im.convert("RGBA").convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError("unsupported", f"{label}: cannot convert image mode {mode!r} to RGB ({exc})") from None
+
+
+def _array_to_pil(arr: np.ndarray, label: str) -> Image.Image:
+    a = arr
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError("unsupported", f"{label}: expected an HWC array with 1, 3 or 4 channels (or HW), "
+                                        f"got shape {list(arr.shape)}")
+    if a.dtype == np.uint16:
+        a = np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError("unsupported", f"{label}: array dtype {a.dtype} is not supported (use uint8, or uint16)")
+    a = np.ascontiguousarray(a)
+    if a.ndim == 2:
+        return Image.fromarray(a, "L")
+    return Image.fromarray(a, "RGB" if a.shape[2] == 3 else "RGBA")
+
+
+def load_rgb(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, index: int = 0) -> Image.Image:
+    """Any supported input -> 8-bit RGB PIL image, EXIF orientation applied. Raises :class:`ImageError`."""
+    label = describe_input(item, index)
+    if isinstance(item, (str, os.PathLike)):
+        im = open_path(item, max_pixels)
+        try:
+            return to_rgb(im, label)
+        finally:
+            im.close()
+    if isinstance(item, Image.Image):
+        _check_pixels(item.width, item.height, max_pixels, label)
+        try:
+            item.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({exc})") from None
+        return to_rgb(item, label)
+    if isinstance(item, np.ndarray):
+        if item.ndim >= 2:
+            _check_pixels(int(item.shape[1]), int(item.shape[0]), max_pixels, label)
+        return _to_rgb_pil(_array_to_pil(item, label), label)
+    raise ImageError("unsupported", f"{label}: unsupported input type {type(item).__name__} "
+                                    "(give a path, a PIL image or a numpy HWC uint8 array)")
+
+
+def to_rgb(im: Image.Image, label: str = "image") -> Image.Image:
+    """EXIF orientation, then 8-bit RGB (see the module docstring). The result never aliases a lazily-read file."""
+    try:
+        oriented = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block must not cost the image: keep the stored orientation
+        oriented = im
+    rgb = _to_rgb_pil(oriented if oriented is not None else im, label)
+    return rgb.copy() if rgb is im else rgb

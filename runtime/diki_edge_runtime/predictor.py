@@ -1,0 +1,298 @@
+"""``Predictor``: calibrated DIKI inference from an exported model folder, torch-free.
+
+::
+
+    from diki_edge_runtime import Predictor
+    p = Predictor("model/", provider="cpu", threads=2)
+    results = p.predict(["a.jpg", pil_image, numpy_hwc_uint8])   # one Prediction per input, in order
+    p.load_bank("bank_v2.safetensors")                           # new tasks, same graph, no re-export
+
+The model folder (written by ``diki_edge_export.export_model``)::
+
+    model.onnx          the single graph (bank arrays are graph inputs, DESIGN 2.1)
+    bank.safetensors    the default bank (a TaskBank file)
+    preprocess.json     the backbone's image transform (see diki_edge_runtime.preprocess)
+    manifest.json       {"format_version": 1, "inputs": {name: {"shape", "dtype"}}, "outputs": {...},
+                         "backbone": {..., "weights_sha256"}, "bank_layout": BankLayout.to_json(), ...}
+
+A bank is accepted only if it fits the graph: same backbone weights (hash), same adapted depth and widths, same
+calibration grid (``BankLayout.compatibility_problem``), a supported format version and at least one task. Any
+number of tasks and classes runs on the same graph. A refused bank leaves the previous one in use.
+
+Thread safety: the bank in use is one immutable snapshot replaced atomically by :meth:`Predictor.load_bank`;
+every :meth:`Predictor.predict` call works on the snapshot current when it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from diki_edge_runtime.bank import BankLayout, TaskBank
+from diki_edge_runtime.errors import BankError, RuntimeSetupError
+from diki_edge_runtime.contract import BANK_FILE, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, MODEL_FILE, PREPROCESS_FILE
+from diki_edge_runtime.contract import INPUT_NAMES as GRAPH_INPUTS
+from diki_edge_runtime.contract import OUTPUT_NAMES as GRAPH_OUTPUTS
+from diki_edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, ImageInput, describe_input, load_rgb
+from diki_edge_runtime.preprocess import Preprocess
+from diki_edge_runtime.session import BankHandle, Session, numpy_dtype
+
+
+
+@dataclass
+class Prediction:
+    """The result for one input. On failure only ``input``, ``index``, ``error`` and ``error_kind`` are set."""
+
+    input: str  # the path as given, or a label such as "<PIL RGB 640x480 #2>"
+    index: int  # position in the call's inputs
+    task: str | None = None  # name of the selected task
+    task_index: int | None = None
+    weight: float | None = None  # calibrated familiarity M in [0, 1]
+    top_k: list[tuple[str, float]] = field(default_factory=list)  # (class, probability within the task)
+    task_scores: np.ndarray | None = None  # [T] Gaussian log-density per task
+    image_embeds: np.ndarray | None = None  # [D] final L2-normalised embedding
+    error: str | None = None
+    error_kind: str | None = None  # one of diki_edge_runtime.images.ERROR_KINDS
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        """The top-1 class, or None."""
+        return self.top_k[0][0] if self.top_k else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` line schema (see :mod:`diki_edge_runtime.cli_predict`)."""
+        return {
+            "input": self.input,
+            "ok": self.ok,
+            "task": self.task,
+            "task_index": self.task_index,
+            "weight": None if self.weight is None else round(float(self.weight), 6),
+            "top_k": [{"class": c, "probability": round(float(p), 6)} for c, p in self.top_k],
+            "error": None if self.ok else {"kind": self.error_kind, "message": self.error},
+        }
+
+
+@dataclass(frozen=True)
+class _BankState:
+    bank: TaskBank
+    handle: BankHandle
+    class_names: tuple[str, ...]
+    class_task: np.ndarray  # [C] int64
+    source: str
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RuntimeSetupError(f"{path}: {what} not found (is {path.parent} an exported diki-edge model "
+                                "folder? create one with `diki-edge export`)") from None
+    except (OSError, ValueError) as exc:
+        raise RuntimeSetupError(f"{path}: cannot read {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise RuntimeSetupError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+class Predictor:
+    """Calibrated inference through ONNX Runtime (see the module docstring)."""
+
+    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                 bank: str | os.PathLike | TaskBank | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 device_id: int = 0, io_binding: bool | None = None):
+        """Open an exported model folder.
+
+        ``provider``: ``"cpu"`` or ``"cuda"`` (an error, never a fall-back, where CUDA cannot run);
+        ``threads``: ONNX Runtime intra-op threads (default: ONNX Runtime's choice); ``bank``: a bank file or
+        :class:`TaskBank` to use instead of the folder's ``bank.safetensors``; ``max_pixels``: inputs with more
+        pixels are refused (decompression bombs), ``None`` for no limit; ``device_id``: the CUDA device;
+        ``io_binding``: keep the bank in ``OrtValue``s bound per call (default: on CUDA only).
+        Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
+        """
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise RuntimeSetupError(f"{self.model_dir}: model folder not found")
+        self.manifest = _read_json(self.model_dir / MANIFEST_FILE, "manifest")
+        version = self.manifest.get("format_version")
+        if version != MANIFEST_FORMAT_VERSION:
+            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: model format version {version!r} is not "
+                                    f"supported (this diki-edge reads version {MANIFEST_FORMAT_VERSION}); "
+                                    "re-export the model with this version")
+        try:
+            self.layout = BankLayout.from_json(self.manifest["bank_layout"])
+            inputs = self.manifest["inputs"]
+            missing = [n for n in GRAPH_INPUTS if n not in inputs]
+            missing += [n for n in GRAPH_OUTPUTS if n not in self.manifest["outputs"]]
+            self._dtypes = {n: numpy_dtype(inputs[n]["dtype"]) for n in GRAPH_INPUTS if n in inputs}
+        except (KeyError, TypeError) as exc:
+            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: malformed manifest ({exc!r})") from None
+        if missing:
+            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: manifest lacks graph tensors {missing}")
+        self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
+        self.max_pixels = max_pixels
+        self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
+                               io_binding=io_binding)
+        absent = [n for n in GRAPH_INPUTS if n not in self.session.input_types]
+        absent += [n for n in GRAPH_OUTPUTS if n not in self.session.output_names]
+        if absent:
+            raise RuntimeSetupError(f"{self.model_dir / MODEL_FILE}: graph lacks inputs/outputs {absent}")
+        for name in GRAPH_INPUTS:
+            if self.session.input_dtype(name) != self._dtypes[name]:
+                raise RuntimeSetupError(f"{self.model_dir}: manifest declares {name} as {self._dtypes[name]} but the "
+                                        f"graph takes {self.session.input_types[name]}")
+        graph_hw = self.session.input_shapes["pixel_values"][2:]
+        if all(isinstance(d, int) for d in graph_hw) and tuple(graph_hw) != self.preprocess.size:
+            raise RuntimeSetupError(f"{self.model_dir}: preprocess.json size {list(self.preprocess.size)} does not "
+                                    f"match the graph's pixel_values {graph_hw}")
+        self._lock = threading.Lock()
+        self._state: _BankState | None = None
+        self.load_bank(bank if bank is not None else self.model_dir / BANK_FILE)
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers the session actually runs with, in priority order."""
+        return list(self.session.providers)
+
+    @property
+    def bank(self) -> TaskBank:
+        assert self._state is not None
+        return self._state.bank
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.task_names
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._state.class_names) if self._state else []
+
+    def info(self) -> dict[str, Any]:
+        state = self._state
+        return {
+            "model_dir": str(self.model_dir),
+            "providers": self.providers,
+            "backbone": self.manifest.get("backbone", self.layout.backbone),
+            "precision": self.manifest.get("precision"),
+            "image_size": list(self.preprocess.size),
+            "bank": state.source if state else None,
+            "tasks": [{"name": t.name, "classes": len(t.classes)} for t in state.bank.tasks] if state else [],
+        }
+
+    # ----------------------------------------------------------------- banks
+    def load_bank(self, bank: str | os.PathLike | TaskBank) -> TaskBank:
+        """Use another bank (more/fewer tasks, other classes) on the same graph; on failure keep the current one.
+
+        Raises :class:`~diki_edge_runtime.errors.BankError` naming why the bank does not fit.
+        """
+        if isinstance(bank, TaskBank):
+            loaded, source = bank, "<TaskBank>"
+            problem = self.layout.compatibility_problem(bank.layout)
+            if problem:
+                raise BankError(f"bank does not fit this model: {problem}")
+        else:
+            loaded, source = TaskBank.load(bank, expect=self.layout, graph_only=True), os.fspath(bank)
+        if loaded.num_tasks < 1:
+            raise BankError(f"{source}: the bank has no tasks; the graph needs at least one")
+        arrays = {}
+        for name, arr in loaded.graph_inputs().items():
+            expected = self.session.input_shapes.get(name, [])
+            fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int)]
+            if len(expected) != arr.ndim or any(arr.shape[i] != d for i, d in fixed):
+                raise BankError(f"{source}: bank array {name} has shape {list(arr.shape)}, the graph takes {expected}")
+            arrays[name] = np.ascontiguousarray(arr, dtype=self._dtypes[name])
+        with self._lock:  # serialise concurrent swaps; readers never wait
+            handle = self.session.prepare_bank(arrays)  # CUDA: the only host->device copy of this bank
+            self._state = _BankState(loaded, handle, tuple(loaded.class_names),
+                                     np.asarray(loaded.arrays["class_task"], np.int64), source)
+        return loaded
+
+    # ----------------------------------------------------------------- inference
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 8,
+                on_progress: Callable[[int], None] | None = None) -> list[Prediction]:
+        """One :class:`Prediction` per input, in order; a bad input gets its error, the others are predicted."""
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, on_progress=on_progress))
+
+    def iter_predict(self, inputs: ImageInput | Sequence[ImageInput] | Iterable[ImageInput], top_k: int = 5,
+                     batch_size: int = 8, on_progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+        """Like :meth:`predict`, yielding results batch by batch (memory stays bounded by ``batch_size``)."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
+            inputs = [inputs]
+        state = self._state  # one bank for the whole call, even if another thread swaps it meanwhile
+        assert state is not None
+        chunk: list[tuple[int, ImageInput]] = []
+        for index, item in enumerate(inputs):
+            chunk.append((index, item))
+            if len(chunk) == batch_size:
+                yield from self._predict_chunk(chunk, state, top_k)
+                if on_progress:
+                    on_progress(len(chunk))
+                chunk = []
+        if chunk:
+            yield from self._predict_chunk(chunk, state, top_k)
+            if on_progress:
+                on_progress(len(chunk))
+
+    def _predict_chunk(self, chunk: list[tuple[int, ImageInput]], state: _BankState,
+                       top_k: int) -> list[Prediction]:
+        results: list[Prediction] = []
+        pixels: list[np.ndarray] = []
+        pending: list[Prediction] = []
+        for index, item in chunk:
+            res = Prediction(describe_input(item, index), index)
+            results.append(res)
+            try:
+                pixels.append(self.preprocess(load_rgb(item, self.max_pixels, index)))
+                pending.append(res)
+            except ImageError as exc:
+                res.error, res.error_kind = exc.message, exc.kind
+            except Exception as exc:  # anything unexpected while decoding costs this image only
+                res.error, res.error_kind = f"{res.input}: cannot decode: {type(exc).__name__}: {exc}", "unsupported"
+        if pending:
+            self._run(np.stack(pixels), pending, state, top_k)
+        return results
+
+    def _run(self, pixels: np.ndarray, pending: list[Prediction], state: _BankState, top_k: int) -> None:
+        try:
+            out = self.session.run(pixels, state.handle)
+        except Exception as exc:
+            if len(pending) > 1:  # isolate the image that breaks the graph; the others still get answers
+                for i, res in enumerate(pending):
+                    self._run(pixels[i:i + 1], [res], state, top_k)
+                return
+            res = pending[0]
+            res.error, res.error_kind = f"{res.input}: inference failed: {type(exc).__name__}: {exc}", "inference"
+            return
+        self._fill(out, pending, state, top_k)
+
+    @staticmethod
+    def _fill(out: dict[str, np.ndarray], pending: list[Prediction], state: _BankState, top_k: int) -> None:
+        tasks = state.bank.tasks
+        for row, res in enumerate(pending):
+            t = int(out["task"][row])
+            cols = np.nonzero(state.class_task == t)[0]
+            logits = out["logits"][row, cols].astype(np.float64)
+            if len(cols):
+                probs = np.exp(logits - logits.max())
+                probs /= probs.sum()
+                order = np.argsort(-probs, kind="stable")[:top_k]
+                res.top_k = [(state.class_names[cols[i]], float(probs[i])) for i in order]
+            res.task, res.task_index = tasks[t].name, t
+            res.weight = float(out["weight"][row])
+            res.task_scores = np.asarray(out["task_scores"][row], np.float32).copy()
+            res.image_embeds = np.asarray(out["image_embeds"][row], np.float32).copy()

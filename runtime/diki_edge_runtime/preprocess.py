@@ -1,0 +1,193 @@
+"""The backbone's image transform in numpy + Pillow, driven by the model folder's ``preprocess.json``.
+
+It reproduces open_clip's inference transform (``open_clip.image_transform_v2(PreprocessCfg(**cfg),
+is_train=False)``) step for step on an RGB PIL image, without torch:
+
+=============================  ===========================================================================
+``resize_mode``                steps (as open_clip 3.x builds them)
+=============================  ===========================================================================
+``shortest``, square size      ``Resize(size)``: shortest edge to ``size``, long edge ``int(size*long/short)``
+                               (torchvision's rule), then ``CenterCrop`` (zero-padding first if smaller)
+``shortest``, non-square       ``ResizeKeepRatio(size)`` (always **bicubic** — open_clip passes no
+                               interpolation there), then ``CenterCrop``
+``longest``                    ``ResizeKeepRatio(size, longest=1)`` (configured interpolation), then
+                               ``CenterCropOrPad(size, fill=fill_color)``
+``squash``                     ``Resize((H, W))``
+=============================  ===========================================================================
+
+then ``ToTensor`` (``uint8 / 255`` in float32, CHW) and ``Normalize(mean, std)`` in float32. torchvision's
+``Resize`` on a PIL image is ``PIL.Image.resize`` (Pillow always antialiases), and it is skipped when the size
+already matches — both reproduced here, so the result equals open_clip's to float32 rounding (tests: <= 1e-6).
+
+``preprocess.json``: ``{"size": [H, W] | int, "mode": "RGB", "mean": [3 floats], "std": [3 floats],
+"interpolation": "bicubic" | "bilinear", "resize_mode": "shortest" | "longest" | "squash", "fill_color": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from diki_edge_runtime.errors import RuntimeSetupError
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """An immutable, thread-safe image transform: ``__call__`` maps an RGB PIL image to a ``[3, H, W]`` array."""
+
+    size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    mode: str = "RGB"
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], source: str = "preprocess config") -> "Preprocess":
+        try:
+            size = cfg["size"]
+            if isinstance(size, (int, float)):
+                hw = (int(size), int(size))
+            elif isinstance(size, Sequence) and len(size) == 1:
+                hw = (int(size[0]), int(size[0]))
+            elif isinstance(size, Sequence) and len(size) == 2:
+                hw = (int(size[0]), int(size[1]))
+            else:
+                raise ValueError(f"size must be an int or [H, W], got {size!r}")
+            mean = _triple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), "mean")
+            std = _triple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), "std")
+            interpolation = str(cfg.get("interpolation") or "bicubic")
+            if interpolation == "random":  # open_clip: 'random' only matters for training; inference is bicubic
+                interpolation = "bicubic"
+            resize_mode = str(cfg.get("resize_mode") or "shortest")
+            fill = int(cfg.get("fill_color", 0) or 0)
+            mode = str(cfg.get("mode", "RGB") or "RGB")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RuntimeSetupError(f"{source}: malformed preprocessing config: {exc}") from None
+        if interpolation not in _RESAMPLE:
+            raise RuntimeSetupError(f"{source}: interpolation {interpolation!r} is not one of {sorted(_RESAMPLE)}")
+        if resize_mode not in _RESIZE_MODES:
+            raise RuntimeSetupError(f"{source}: resize_mode {resize_mode!r} is not one of {list(_RESIZE_MODES)}")
+        if mode != "RGB":
+            raise RuntimeSetupError(f"{source}: only mode 'RGB' is supported, got {mode!r}")
+        if min(hw) < 1:
+            raise RuntimeSetupError(f"{source}: size must be positive, got {list(hw)}")
+        if any(s == 0 for s in std):
+            raise RuntimeSetupError(f"{source}: std must not contain zeros")
+        return cls(hw, mean, std, interpolation, resize_mode, fill, mode)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Preprocess":
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RuntimeSetupError(f"{path}: preprocessing config not found") from None
+        except (OSError, ValueError) as exc:
+            raise RuntimeSetupError(f"{path}: cannot read preprocessing config: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise RuntimeSetupError(f"{path}: preprocessing config must be a JSON object")
+        return cls.from_config(cfg, str(path))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"size": list(self.size), "mode": self.mode, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "resize_mode": self.resize_mode, "fill_color": self.fill_color}
+
+    # ----------------------------------------------------------------- the transform
+    @property
+    def _resample(self) -> int:
+        return _RESAMPLE[self.interpolation]
+
+    def geometry(self, image: Image.Image) -> np.ndarray:
+        """Resize + crop/pad of an RGB image: ``uint8 [H, W, 3]``, before ``ToTensor``/``Normalize``."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        th, tw = self.size
+        if self.resize_mode == "squash":
+            return np.asarray(_resize(image, (th, tw), self._resample))
+        if self.resize_mode == "longest":
+            image = _resize(image, _keep_ratio_size(image, (th, tw), longest=1.0), self._resample)
+            return _center_crop_or_pad(np.asarray(image), (th, tw), self.fill_color)
+        # shortest
+        if th == tw:
+            image = _resize(image, _shortest_edge_size(image, th), self._resample)
+        else:  # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation: bicubic
+            image = _resize(image, _keep_ratio_size(image, (th, tw), longest=0.0), Image.Resampling.BICUBIC)
+        return _center_crop_or_pad(np.asarray(image), (th, tw), 0)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """``float32 [3, H, W]``: the normalised pixels one image contributes to ``pixel_values``."""
+        pixels = self.geometry(image)
+        x = pixels.astype(np.float32) / np.float32(255.0)  # ToTensor
+        x = np.ascontiguousarray(x.transpose(2, 0, 1))
+        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(3, 1, 1)
+        return (x - mean) / std  # Normalize (sub_ then div_, float32)
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, 3, *self.size), np.float32)
+        return np.stack([self(im) for im in images])
+
+
+def _triple(values: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(values, (int, float)):
+        values = (values,) * 3
+    vals = tuple(float(v) for v in values)
+    if len(vals) != 3:
+        raise ValueError(f"{name} must have 3 values, got {len(vals)}")
+    return vals  # type: ignore[return-value]
+
+
+def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int) -> Image.Image:
+    h, w = size_hw
+    if (image.height, image.width) == (h, w):  # torchvision returns the input unchanged
+        return image
+    return image.resize((w, h), resample)
+
+
+def _shortest_edge_size(image: Image.Image, size: int) -> tuple[int, int]:
+    """torchvision ``_compute_resized_output_size`` for a single int: short edge -> size, long edge truncated."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
+def _keep_ratio_size(image: Image.Image, target_hw: tuple[int, int], longest: float) -> tuple[int, int]:
+    """open_clip/timm ``ResizeKeepRatio.get_params`` without the (training-only) random factors."""
+    w, h = image.size
+    target_h, target_w = target_hw
+    ratio_h, ratio_w = h / target_h, w / target_w
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return round(h * 1.0 / ratio), round(w * 1.0 / ratio)
+
+
+def _center_crop_or_pad(pixels: np.ndarray, size_hw: tuple[int, int], fill: int) -> np.ndarray:
+    """torchvision ``center_crop`` / open_clip ``center_crop_or_pad`` on ``[H, W, 3] uint8``."""
+    crop_h, crop_w = size_hw
+    h, w = pixels.shape[:2]
+    if crop_w > w or crop_h > h:
+        left = (crop_w - w) // 2 if crop_w > w else 0
+        top = (crop_h - h) // 2 if crop_h > h else 0
+        right = (crop_w - w + 1) // 2 if crop_w > w else 0
+        bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
+        pixels = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), constant_values=np.uint8(fill))
+        h, w = pixels.shape[:2]
+        if (h, w) == (crop_h, crop_w):
+            return pixels
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return pixels[top:top + crop_h, left:left + crop_w]

@@ -1,0 +1,480 @@
+"""The torch-free Predictor on a real exported model: parity with CalibratedDiki, bank swaps, bad inputs,
+concurrency and the ``predict`` command (JSON through a subprocess where torch cannot be imported).
+
+One exported tiny model per module (the backbone of tests/conftest.py, three synthetic tasks fitted to variants
+of real scikit-image photographs so that images of those photographs are familiar and pass 2 runs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+skdata = pytest.importorskip("skimage.data")
+
+from diki_edge_runtime.bank import TaskBank  # noqa: E402
+from diki_edge_runtime.errors import BankError  # noqa: E402
+from diki_edge_runtime import Predictor  # noqa: E402
+from support import BLOCK_TORCH, REPO  # noqa: E402  (tests/support.py)
+
+PHOTOS = {"pets": "chelsea", "drinks": "coffee", "space": "rocket", "portraits": "astronaut"}
+CLASSES = {
+    "pets": ["cat", "dog", "fox"],
+    "drinks": ["coffee", "tea"],
+    "space": ["rocket", "plane", "bird", "balloon"],
+    "portraits": ["astronaut", "pilot", "diver"],
+}
+
+
+def _variants(photo: str, n: int, seed: int) -> list[Image.Image]:
+    """Random crops / flips / brightness changes of one photograph."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(getattr(skdata, photo)()).convert("RGB")
+    out = []
+    for _ in range(n):
+        w, h = base.size
+        s = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * s), int(h * s * rng.uniform(0.8, 1.2))
+        ch = min(ch, h)
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = base.crop((x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.clip(np.asarray(im, np.float32) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+class World:
+    """Everything the tests share: backbone, DikiCLIP, layout, banks, the exported folder, test images."""
+
+    def __init__(self, tmp: Path, spec: str):
+        from diki_edge.backbone import load_backbone
+        from diki_edge.calibrated import CalibratedDiki
+        from diki_edge.layout import layout_for
+        from diki_edge.model import DikiCLIP
+        from diki_edge.synthetic import synthetic_task
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        self.tmp = tmp
+        self.backbone = load_backbone(spec)
+        self.diki = DikiCLIP(self.backbone.model)
+        self.layout = layout_for(self.backbone, self.diki)
+        self.reference = CalibratedDiki(self.diki).eval()
+        self.transform = image_transform_v2(PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False)
+        self.slices = {}
+        for i, (task, photo) in enumerate(PHOTOS.items()):
+            fit = torch.stack([self.transform(im) for im in _variants(photo, 48, seed=10 + i)])
+            self.slices[task] = synthetic_task(self.diki, self.backbone.tokenizer, task, CLASSES[task], fit,
+                                               self.layout.calibration_levels, seed=i)
+        self.bank = self.bank_of(["pets", "drinks", "space"])
+        self.bank_path = self.bank.save(tmp / "bank3.safetensors")
+        self.model_dir = export(self.bank_path, tmp / "model", spec, self)
+        # test images: unseen variants of every photograph, plus unrelated ones (unfamiliar: M ~ 0)
+        self.images = {f"{photo}_{j}": im for photo in PHOTOS.values()
+                       for j, im in enumerate(_variants(photo, 2, seed=99))}
+        self.images["camera"] = Image.fromarray(skdata.camera())
+        self.images["noise"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8))
+        self.files = []
+        for name, im in self.images.items():
+            path = tmp / "images" / f"{name}.png"
+            path.parent.mkdir(exist_ok=True)
+            im.save(path)
+            self.files.append(path)
+
+    def bank_of(self, tasks: list[str]) -> TaskBank:
+        bank = TaskBank.empty(self.layout)
+        for t in tasks:
+            bank = bank.with_task(self.slices[t])
+        return bank
+
+    @torch.no_grad()
+    def reference_outputs(self, images: list[Image.Image], bank: TaskBank) -> dict[str, np.ndarray]:
+        from diki_edge.calibrated import bank_tensors
+
+        x = torch.stack([self.transform(im.convert("RGB")) for im in images])
+        out = self.reference(x, **bank_tensors(bank))
+        return {k: v.numpy() for k, v in out._asdict().items()}
+
+
+def export(bank_path: Path, out_dir: Path, spec: str, world: World) -> Path:
+    from diki_edge_export import export_model
+
+    export_model(bank_path, out_dir, model=spec, quiet=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_spec) -> World:
+    return World(tmp_path_factory.mktemp("runtime"), tiny_model_spec)
+
+
+@pytest.fixture(scope="module")
+def predictor(world) -> Predictor:
+    return Predictor(world.model_dir, threads=2)
+
+
+def _check_against_reference(world: World, results, images, bank: TaskBank):
+    ref = world.reference_outputs(images, bank)
+    for i, res in enumerate(results):
+        assert res.ok, res.error
+        assert res.task_index == int(ref["task"][i])
+        assert res.task == bank.task_names[res.task_index]
+        assert abs(res.weight - float(ref["weight"][i])) <= 1e-5
+        assert np.abs(res.image_embeds - ref["image_embeds"][i]).max() <= 1e-4
+        top1 = bank.class_names[int(np.argmax(ref["logits"][i]))]
+        assert res.top_k[0][0] == top1
+        np.testing.assert_allclose(res.task_scores, ref["task_scores"][i], rtol=1e-5, atol=1e-3)
+    return ref
+
+
+def test_model_folder_contract(world):
+    for name in ("model.onnx", "bank.safetensors", "preprocess.json", "manifest.json"):
+        assert (world.model_dir / name).is_file(), name
+
+
+def test_predictions_match_pytorch(world, predictor):
+    names = list(world.images)
+    results = predictor.predict([str(p) for p in world.files], top_k=3, batch_size=4)
+    assert [r.input for r in results] == [str(p) for p in world.files]
+    ref = _check_against_reference(world, results, [world.images[n] for n in names], world.bank)
+    # familiar images select their own task with a high M; pass 2 therefore ran for them
+    for name, res in zip(names, results):
+        photo = name.rsplit("_", 1)[0]
+        task = next((t for t, p in PHOTOS.items() if p == photo), None)
+        if task in world.bank.task_names:
+            assert res.task == task and res.weight > 0.05, (name, res.task, res.weight)
+    assert (ref["weight"] > 0.05).any() and (ref["weight"] < 1e-6).any()  # both graph paths exercised
+    for res in results:
+        assert len(res.top_k) == min(3, len(CLASSES[res.task]))
+        assert all(c in CLASSES[res.task] for c, _ in res.top_k)
+        probs = [p for _, p in res.top_k]
+        assert probs == sorted(probs, reverse=True)
+
+
+def test_mixed_input_kinds_give_the_same_answers(world, predictor):
+    im = world.images["chelsea_0"]
+    path = world.files[list(world.images).index("chelsea_0")]
+    results = predictor.predict([str(path), path, im, np.asarray(im)], batch_size=3)
+    first = results[0]
+    for res in results[1:]:
+        assert res.ok and res.task == first.task and res.top_k[0][0] == first.top_k[0][0]
+        assert np.abs(res.image_embeds - first.image_embeds).max() <= 1e-6
+    assert predictor.predict(im)[0].task == first.task  # a single input works too
+
+
+def test_results_do_not_depend_on_batch_size(world, predictor):
+    files = [str(p) for p in world.files]
+    a = predictor.predict(files, batch_size=1)
+    b = predictor.predict(files, batch_size=16)
+    for x, y in zip(a, b):
+        assert x.task == y.task and x.top_k[0][0] == y.top_k[0][0]
+        assert np.abs(x.image_embeds - y.image_embeds).max() <= 1e-5
+
+
+def test_bad_inputs_never_lose_the_batch(world, tmp_path):
+    p = Predictor(world.model_dir, threads=1, max_pixels=2_000_000)
+    good = world.files[0]
+    data = good.read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.txt").write_text("hello")
+    Image.new("L", (2000, 1500)).save(tmp_path / "bomb.png")
+    src = world.images["coffee_0"]
+    gray16 = (np.asarray(src.convert("L")).astype(np.uint32) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    src.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    src.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    rgba = src.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(tmp_path / "rgba.png")
+    src.convert("L").save(tmp_path / "gray.png")
+    inputs = [str(good), str(tmp_path / "missing.jpg"), str(tmp_path / "empty.jpg"), str(tmp_path / "trunc.png"),
+              str(tmp_path / "notes.txt"), str(tmp_path / "bomb.png"), str(tmp_path / "gray16.png"),
+              str(tmp_path / "cmyk.jpg"), str(tmp_path / "palette.png"), str(tmp_path / "rgba.png"),
+              str(tmp_path / "gray.png"), np.zeros((4, 4), np.float64), 42]
+    results = p.predict(inputs, batch_size=4)
+    assert len(results) == len(inputs)
+    kinds = [r.error_kind for r in results]
+    assert kinds == [None, "not_found", "empty", "truncated", "not_an_image", "too_large", None, None, None, None,
+                     None, "unsupported", "unsupported"]
+    for r in results:
+        if not r.ok:
+            assert r.error and r.task is None and r.top_k == []
+            assert r.to_json()["error"] == {"kind": r.error_kind, "message": r.error}
+    alone = p.predict([str(good)])[0]
+    assert np.abs(alone.image_embeds - results[0].image_embeds).max() <= 1e-5
+    # converted modes: the same answers as the image converted by hand (16-bit scaled, not clipped)
+    by_hand = p.predict([src.convert("L").convert("RGB")])[0]
+    assert results[6].task == by_hand.task and np.abs(results[6].image_embeds - by_hand.image_embeds).max() <= 1e-5
+
+
+def test_bank_swap_more_fewer_and_other_classes(world, tmp_path):
+    p = Predictor(world.model_dir, threads=1)
+    images = [world.images[n] for n in ("chelsea_0", "astronaut_0", "rocket_1", "camera")]
+    before = p.predict(images)
+    assert before[1].task != "portraits"
+    # more tasks: the fourth one is recognised, on the same session
+    more = world.bank_of(["pets", "drinks", "space", "portraits"])
+    p.load_bank(more.save(tmp_path / "more.safetensors"))
+    assert p.tasks == more.task_names
+    res = p.predict(images)
+    _check_against_reference(world, res, images, more)
+    assert res[1].task == "portraits" and res[1].weight > 0.05
+    # fewer tasks
+    fewer = world.bank_of(["space"])
+    p.load_bank(fewer)
+    res = p.predict(images)
+    _check_against_reference(world, res, images, fewer)
+    assert {r.task for r in res} == {"space"}
+    # other classes for a task of the same name
+    from diki_edge.synthetic import synthetic_task
+
+    fit = torch.stack([world.transform(im) for im in _variants("chelsea", 48, seed=10)])
+    other = synthetic_task(world.diki, world.backbone.tokenizer, "pets", ["kitten", "puppy", "hamster", "parrot"],
+                           fit, world.layout.calibration_levels, seed=7)
+    changed = world.bank.with_task(other)
+    p.load_bank(changed.save(tmp_path / "changed.safetensors"))
+    res = p.predict(images)
+    _check_against_reference(world, res, images, changed)
+    assert res[0].task == "pets" and res[0].top_k[0][0] in {"kitten", "puppy", "hamster", "parrot"}
+    # back to the original bank: the original answers
+    p.load_bank(world.bank_path)
+    again = p.predict(images)
+    for x, y in zip(before, again):
+        assert x.task == y.task and x.top_k == y.top_k
+
+
+def _rewrite_metadata(src: Path, dst: Path, edit) -> Path:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(src), framework="numpy") as fh:
+        meta = json.loads(fh.metadata()["diki_edge"])
+        arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    edit(meta, arrays)
+    save_file(arrays, str(dst), metadata={"diki_edge": json.dumps(meta)})
+    return dst
+
+
+def test_incompatible_banks_are_refused_and_the_previous_stays(world, tmp_path):
+    p = Predictor(world.model_dir, threads=1)
+    images = [world.images["chelsea_0"], world.images["rocket_0"]]
+    before = p.predict(images)
+
+    def other_backbone(meta, arrays):
+        meta["layout"]["backbone"]["weights_sha256"] = "0" * 64
+
+    def other_depth(meta, arrays):
+        meta["layout"]["image_layers"] = 1
+        arrays["bank_k"] = np.ascontiguousarray(arrays["bank_k"][:, :1])
+        arrays["bank_v"] = np.ascontiguousarray(arrays["bank_v"][:, :1])
+
+    def newer_format(meta, arrays):
+        meta["format_version"] = 99
+
+    cases = {"backbone": (other_backbone, "backbone weights differ"),
+             "depth": (other_depth, "image_layers differs"),
+             "format": (newer_format, "format version 99")}
+    for name, (edit, message) in cases.items():
+        bad = _rewrite_metadata(world.bank_path, tmp_path / f"{name}.safetensors", edit)
+        with pytest.raises(BankError, match=message):
+            p.load_bank(bad)
+        assert p.bank is not None and p.tasks == world.bank.task_names
+    with pytest.raises(BankError, match="not found"):
+        p.load_bank(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(BankError):
+        p.load_bank(tmp_path / "junk.safetensors")
+    with pytest.raises(BankError, match="no tasks"):
+        p.load_bank(TaskBank.empty(world.layout))
+    after = p.predict(images)
+    for x, y in zip(before, after):
+        assert x.task == y.task and x.top_k == y.top_k
+
+
+def test_threads_give_the_same_results_as_serial(world, predictor):
+    files = [str(p) for p in world.files]
+    serial = predictor.predict(files, batch_size=3)
+    outcomes: dict[int, list] = {}
+    errors = []
+
+    def work(k: int) -> None:
+        try:
+            outcomes[k] = [predictor.predict(files[i::2] + files[:i], batch_size=2 + k % 3) for i in range(2)]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    by_input = {r.input: r for r in serial}
+    for runs in outcomes.values():
+        for run in runs:
+            for r in run:
+                s = by_input[r.input]
+                assert r.task == s.task and [c for c, _ in r.top_k] == [c for c, _ in s.top_k]
+                assert np.abs(r.image_embeds - s.image_embeds).max() <= 1e-5
+
+
+def test_bank_swap_while_predicting(world, tmp_path):
+    """A swap in another thread never mixes banks within one call."""
+    p = Predictor(world.model_dir, threads=1)
+    fewer = world.bank_of(["space"])
+    files = [str(f) for f in world.files]
+    seen = []
+
+    def swapper():
+        for _ in range(3):
+            p.load_bank(fewer)
+            p.load_bank(world.bank)
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    for _ in range(3):
+        seen.append({(r.task, r.task_index) for r in p.predict(files, batch_size=2)})
+    t.join()
+    full = {(t, i) for i, t in enumerate(world.bank.task_names)}
+    for pairs in seen:  # every call used one bank: all ("space", 0) or all consistent with the full bank
+        assert pairs == {("space", 0)} or pairs <= full, pairs
+
+
+def test_setup_errors(world, tmp_path):
+    from diki_edge_runtime.errors import RuntimeSetupError
+
+    with pytest.raises(RuntimeSetupError, match="model folder not found"):
+        Predictor(tmp_path / "nowhere")
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(RuntimeSetupError, match="manifest"):
+        Predictor(empty)
+    import shutil
+
+    broken = tmp_path / "v2-model"
+    shutil.copytree(world.model_dir, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeSetupError, match="format version"):
+        Predictor(broken)
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(RuntimeSetupError, match="CUDA"):
+            Predictor(world.model_dir, provider="cuda")
+
+
+# ---------------------------------------------------------------------------- the command, without torch
+CLI = BLOCK_TORCH + """
+import typer
+from diki_edge_runtime.cli_predict import predict_command
+app = typer.Typer(add_completion=False)
+app.command()(predict_command)
+try:
+    app(prog_name="diki-edge predict")
+finally:
+    bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")]
+    assert not bad, bad
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_json_lines_without_torch(world, tmp_path):
+    img_dir = tmp_path / "photos"
+    (img_dir / "sub").mkdir(parents=True)
+    names = ["b.png", "a.png", "sub/c.png"]
+    for name, src in zip(names, world.files):
+        (img_dir / name).write_bytes(src.read_bytes())
+    (img_dir / "readme.txt").write_text("not picked up from a directory")
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    res = _cli(str(img_dir), str(tmp_path / "bad.jpg"), str(tmp_path / "missing.png"), str(tmp_path / "zz*.png"),
+               "--model", str(world.model_dir), "--json", "--top-k", "2", "--batch-size", "2", "--quiet")
+    assert res.returncode == 1, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    inputs = [d["input"] for d in lines]
+    assert inputs == [str(img_dir / "a.png"), str(img_dir / "b.png"), str(img_dir / "sub" / "c.png"),
+                      str(tmp_path / "bad.jpg"), str(tmp_path / "missing.png"), str(tmp_path / "zz*.png")]
+    keys = {"input", "ok", "task", "task_index", "weight", "top_k", "error"}
+    for d in lines:
+        assert set(d) == keys
+    ok = [d for d in lines if d["ok"]]
+    assert len(ok) == 3
+    for d in ok:
+        assert d["error"] is None and len(d["top_k"]) == 2 and set(d["top_k"][0]) == {"class", "probability"}
+    assert [d["error"]["kind"] for d in lines if not d["ok"]] == ["not_an_image", "not_found", "not_found"]
+    assert "no files match" in lines[-1]["error"]["message"]
+    # the same predictions as the Python API (same batches, so the same numbers)
+    p = Predictor(world.model_dir, threads=1)
+    api = [r.to_json() for r in p.predict([str(img_dir / n) for n in ("a.png", "b.png")], top_k=2, batch_size=2)]
+    for got, want in zip(lines[:2], api):
+        assert {k: v for k, v in got.items() if k not in ("weight", "top_k")} == \
+            {k: v for k, v in want.items() if k not in ("weight", "top_k")}
+        assert abs(got["weight"] - want["weight"]) <= 1e-5
+        assert [t["class"] for t in got["top_k"]] == [t["class"] for t in want["top_k"]]
+        np.testing.assert_allclose([t["probability"] for t in got["top_k"]],
+                                   [t["probability"] for t in want["top_k"]], atol=1e-5)
+
+
+def test_cli_table_exit_codes_and_bank_option(world, tmp_path):
+    fewer = world.bank_of(["drinks"]).save(tmp_path / "drinks.safetensors")
+    res = _cli(str(world.files[0]), "--model", str(world.model_dir), "--bank", str(fewer), "--top-k", "1")
+    assert res.returncode == 0, res.stderr
+    assert "drinks" in res.stdout and "CPUExecutionProvider" in res.stderr
+    res = _cli(str(world.files[0]), "--model", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = _cli(str(world.files[0]), "--model", str(world.model_dir), "--provider", "cuda")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert res.returncode == 2 and "CUDA" in res.stderr
+
+
+# ---------------------------------------------------------------------------- IO binding (the CUDA code path)
+def test_io_binding_path_uploads_the_bank_once(world, predictor, tmp_path):
+    """The CUDA path (bank as OrtValues bound per call) run with host OrtValues: same answers, one upload per
+    bank, none per call, none for a refused bank."""
+    p = Predictor(world.model_dir, threads=1, io_binding=True)
+    assert p.session.io_binding and p.session.bank_uploads == 1
+    files = [str(f) for f in world.files]
+    plain = predictor.predict(files, batch_size=4)
+    for _ in range(3):
+        bound = p.predict(files, batch_size=4)
+    assert p.session.bank_uploads == 1
+    for x, y in zip(plain, bound):
+        assert x.task == y.task and x.top_k[0][0] == y.top_k[0][0]
+        assert np.abs(x.image_embeds - y.image_embeds).max() <= 1e-5
+    p.load_bank(world.bank_of(["space"]))
+    assert p.session.bank_uploads == 2
+    with pytest.raises(BankError):
+        p.load_bank(TaskBank.empty(world.layout))
+    assert p.session.bank_uploads == 2 and p.tasks == ["space"]
+    assert {r.task for r in p.predict(files)} == {"space"}
+
+
+def test_diki_edge_predict_entry_point_without_torch(world):
+    script = BLOCK_TORCH + """
+from diki_edge_runtime.cli import main
+try:
+    main()
+finally:
+    bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")]
+    assert not bad, bad
+"""
+    res = subprocess.run([sys.executable, "-c", script, "predict", str(world.files[0]), "--model",
+                          str(world.model_dir), "--json", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stdout.splitlines()
+    assert json.loads(line)["ok"] is True
