@@ -26,8 +26,19 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import (REPO, RESULTS_DIR, SCHEMA_VERSION, Config, machine_info, machine_line, make_result,
-                               mark, render, run_measured, write_result)
+from benchmarks.common import (
+    REPO,
+    RESULTS_DIR,
+    SCHEMA_VERSION,
+    Config,
+    machine_info,
+    machine_line,
+    make_result,
+    mark,
+    render,
+    run_measured,
+    write_result,
+)
 
 # (name, module, issue-table number); the order of the run
 OWN = [

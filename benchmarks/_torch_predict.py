@@ -16,11 +16,11 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(int(threads))
+    from diki_edge_runtime.bank import TaskBank
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
     from diki_edge.backbone import load_backbone
-    from diki_edge_runtime.bank import TaskBank
     from diki_edge.calibrated import CalibratedDiki, bank_tensors
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP

@@ -16,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (Config, make_result, ort_session, profile_line, profile_ort, ratio,
-                               time_side_by_side)
+from benchmarks.common import (
+    Config,
+    make_result,
+    ort_session,
+    profile_line,
+    profile_ort,
+    ratio,
+    time_side_by_side,
+)
 from benchmarks.world import World, get_world
 
 NAME = "calibration_overhead"

@@ -17,7 +17,15 @@ import sys
 import textwrap
 from typing import Any
 
-from benchmarks.common import REPO, Config, Timing, make_result, python_cmd, run_measured, venv_script
+from benchmarks.common import (
+    REPO,
+    Config,
+    Timing,
+    make_result,
+    python_cmd,
+    run_measured,
+    venv_script,
+)
 from benchmarks.world import get_world
 
 NAME = "cold_start"

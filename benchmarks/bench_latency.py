@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (Config, make_result, profile_line, profile_ort, ratio, time_side_by_side)
+from benchmarks.common import (
+    Config,
+    make_result,
+    profile_line,
+    profile_ort,
+    ratio,
+    time_side_by_side,
+)
 from benchmarks.world import World, get_world
 
 NAME = "latency"
@@ -70,9 +77,7 @@ def measure(cfg: Config) -> dict[str, Any]:
                          "weights_M": m, "threads": cfg.n_threads},
             })
         # where the ONNX Runtime time goes (batch 1, familiar)
-        feeds = {"pixel_values": np.stack([predictor.preprocess(__import__("PIL.Image").Image.fromarray(im))
-                                           for im in w.familiar[:1]]).astype(np.float32),
-                 **predictor._state.handle.host}
+        feeds = predictor.feeds(predictor.pixel_values(list(w.familiar[:1])))
         prof = profile_ort(w.exported("fp32") / "model.onnx", feeds, cfg.n_threads, runs=1 if cfg.quick else 2)
         profiles[model] = prof
         notes.append(f"{model} ORT profile (batch 1, familiar): {profile_line(prof)}")

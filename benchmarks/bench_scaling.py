@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Config, make_result, ort_session, python_cmd, run_measured, time_side_by_side
+from benchmarks.common import (
+    Config,
+    make_result,
+    ort_session,
+    python_cmd,
+    run_measured,
+    time_side_by_side,
+)
 from benchmarks.world import get_world
 
 NAME = "scaling"

@@ -35,12 +35,13 @@ def main() -> int:
     import numpy as np
     import onnxruntime as ort
     import torch
+    from diki_edge_export import export_model
+    from diki_edge_runtime.bank import TaskBank
+    from diki_edge_runtime.contract import OUTPUT_NAMES
     from rich.console import Console
     from rich.table import Table
 
     from diki_edge.backbone import load_backbone
-    from diki_edge_runtime.bank import TaskBank
-    from diki_edge_export import OUTPUT_NAMES, export_model
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task

@@ -33,8 +33,13 @@ def measure(cfg: Config) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from diki_edge.calibrated import (_mask_other_tasks, class_text_table, exact_class_embeds,
-                                      interpolate_class_table, tokenize)
+    from diki_edge.calibrated import (
+        _mask_other_tasks,
+        class_text_table,
+        exact_class_embeds,
+        interpolate_class_table,
+        tokenize,
+    )
 
     model = cfg.reference_model
     w = get_world(cfg, model)

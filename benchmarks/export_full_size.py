@@ -24,8 +24,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "export_full_size.json"
 
 def build_bank(backbone, tasks: int, per_task: int, path: Path):
     import torch
-
     from diki_edge_runtime.bank import TaskBank
+
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
@@ -55,11 +55,11 @@ def main() -> int:
 
     import onnxruntime
     import torch
+    from diki_edge_export import export_model
     from rich.console import Console
     from rich.table import Table
 
     from diki_edge.backbone import load_backbone
-    from diki_edge_export import export_model
 
     console = Console(width=max(Console().width, 120))
     rows = []
@@ -89,8 +89,8 @@ def main() -> int:
                     "variant_cosine_min": var.get("cosine_min"), "variant_top1_agreement": var.get("top1_agreement"),
                     "variant_task_agreement": var.get("task_agreement"),
                     "validated_images": fp32.get("images") or var.get("images"),
-                    "validated_providers": result.manifest["validated_providers"],
-                    "not_validated": result.manifest.get("not_validated"),
+                    "validated_providers": result.manifest.validated_providers,
+                    "not_validated": result.manifest.not_validated,
                 })
     table = Table(title="full-size export (random weights, CPU)")
     for col in ("model", "prec", "export s", "MB", "embeds Δ", "scores rel", "M Δ", "task/top1 ≠", "cos min",

@@ -115,9 +115,9 @@ class World:
     # ------------------------------------------------------------------ banks
     def _slices(self):
         import torch
-
         from diki_edge_runtime.bank import TaskInfo, TaskSlice
         from diki_edge_runtime.gaussian import GaussianStats
+
         from diki_edge.model import TaskAdapter
 
         s = self.diki.shape
@@ -135,7 +135,7 @@ class World:
             table = np.random.default_rng(t).standard_normal((g_levels, counts[t], s.embed_dim)).astype(np.float32)
             table /= np.linalg.norm(table, axis=-1, keepdims=True)
             classes = [f"class {t}-{c}" for c in range(counts[t])]
-            slices.append(TaskSlice(TaskInfo(f"task{t:02d}", classes, "a photo of a {}.", stats.count),
+            slices.append(TaskSlice(TaskInfo(f"task{t:02d}", classes, num_samples=stats.count),
                                     adapter.image_k.detach().numpy().copy(), adapter.image_v.detach().numpy().copy(),
                                     adapter.text_k.detach().numpy().copy(), adapter.text_v.detach().numpy().copy(),
                                     stats, table))
@@ -226,9 +226,8 @@ class World:
         """The random weights as a safetensors checkpoint, as a user of the PyTorch path would load them."""
         path = self.dir / "weights.safetensors"
         if not path.is_file():
-            from safetensors.torch import save_file
-
             from diki_edge_export.exporter import _unwrapped_copy
+            from safetensors.torch import save_file
 
             clip = _unwrapped_copy(self.backbone.model)
             tmp = path.with_suffix(".tmp")
@@ -246,10 +245,9 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
 
     import torch
     import torch.nn.functional as F
-    from torch import nn
-
     from diki_edge_export.exporter import _unwrapped_copy
     from diki_edge_export.graph import mha_fastpath_disabled
+    from torch import nn
 
     class Plain(nn.Module):
         def __init__(self, clip):

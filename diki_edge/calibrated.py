@@ -22,13 +22,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 from torch import nn
 
 from diki_edge.model import DikiCLIP
 
 DEFAULT_LEVELS = 9
 # Below this M the residual branch's contribution is under the fp32 parity bound (see README, "skip pass 2").
-DEFAULT_SKIP_BELOW = 1e-6
 
 
 class CalibratedOutput(NamedTuple):
@@ -57,7 +57,7 @@ def gaussian_scores(f: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor, c
     return const.unsqueeze(0) - 0.5 * (z * z).sum(-1).transpose(0, 1)
 
 
-def familiarity(score: torch.Tensor, dim: int) -> torch.Tensor:
+def calibration_weight(score: torch.Tensor, dim: int) -> torch.Tensor:
     """DIKI's calibration weight ``M = sigmoid(S / D - 1)`` of a selected task's log-density ``S``."""
     return torch.sigmoid(score / dim - 1.0)
 
@@ -96,7 +96,7 @@ class CalibratedDiki(nn.Module):
             votes = torch.bincount(task, minlength=scores.shape[1])
             task = torch.full_like(task, int(votes.argmax()))
         chosen = scores.gather(1, task.unsqueeze(1)).squeeze(1)
-        return scores, task, familiarity(chosen, f0.shape[1])
+        return scores, task, calibration_weight(chosen, f0.shape[1])
 
     def classify(self, f: torch.Tensor, task: torch.Tensor, text_weight: torch.Tensor, class_embeds: torch.Tensor,
                  class_task: torch.Tensor) -> torch.Tensor:

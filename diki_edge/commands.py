@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.errors import DikiEdgeError
 from rich.console import Console
 
 from diki_edge.evaluation.command import eval_command
-from diki_edge_runtime.errors import DikiEdgeError
 
 err = Console(stderr=True)
 
@@ -35,7 +36,7 @@ def train(
     batch_size: int = typer.Option(128, min=1),
     lr: Optional[float] = typer.Option(None, help="SGD learning rate, cosine to lr*1e-3 (default: the reference's "
                                                   "5.0, or the backbone's recommendation: 50 for diki-tiny)."),
-    template: str = typer.Option("a photo of a {}.", help="Prompt template; {} is the class name."),
+    template: str = typer.Option(DEFAULT_TEMPLATE, help="Prompt template; {} is the class name."),
     seed: int = typer.Option(0),
     ridge: float = typer.Option(1e-7, min=0.0, help="Covariance ridge (a new bank only; a bank keeps its own)."),
     levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),

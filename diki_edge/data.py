@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from diki_edge_runtime.images import IMAGE_SUFFIXES
 from PIL import Image
 
 from diki_edge.errors import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass

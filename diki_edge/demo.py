@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from diki_edge_runtime.bank import TaskBank
 from rich.console import Console
 from rich.table import Table
-
-from diki_edge_runtime.bank import TaskBank
 
 console = Console(stderr=True)
 
@@ -34,8 +33,8 @@ def _step(msg: str) -> None:
 
 def _write_samples(tasks, root: Path, per_task: int) -> list[tuple[str, str, str]]:
     """A few held-out test images of each task (and unfamiliar photos); returns (file, task, true class)."""
-    from skimage import data as skdata
     from PIL import Image
+    from skimage import data as skdata
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -88,9 +87,10 @@ def _zero_shot(tasks) -> dict[str, float]:
 
 
 def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: int = 2, quiet: bool = False) -> None:
-    from diki_edge.datasets import dcil_benchmark, write_image_folder
     from diki_edge_export import export_model
     from diki_edge_runtime import Predictor
+
+    from diki_edge.datasets import dcil_benchmark, write_image_folder
     from diki_edge.train import TrainConfig, train_into_bank
 
     start = time.perf_counter()

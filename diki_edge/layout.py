@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from diki_edge.backbone import Backbone
 from diki_edge_runtime.bank import BankLayout
-from diki_edge.calibrated import calibration_levels
 from diki_edge_runtime.gaussian import DEFAULT_RIDGE
+
+from diki_edge.backbone import Backbone
+from diki_edge.calibrated import calibration_levels
 from diki_edge.model import DikiCLIP
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
 from diki_edge_runtime.bank import TaskInfo, TaskSlice
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+
 from diki_edge.calibrated import class_text_table, tokenize
 from diki_edge.model import DikiCLIP, TaskAdapter
 from diki_edge.train import frozen_statistics
@@ -20,7 +21,7 @@ from diki_edge.train import frozen_statistics
 @torch.no_grad()
 def synthetic_task(diki: DikiCLIP, tokenizer, name: str, classes: Sequence[str], images: torch.Tensor,
                    levels: Sequence[float], seed: int = 0, value_scale: float = 0.5,
-                   template: str = "a photo of a {}.") -> TaskSlice:
+                   template: str = DEFAULT_TEMPLATE) -> TaskSlice:
     """A task whose Gaussian is fitted to ``images`` ([N, 3, H, W], N >= 2) and whose adapter is random."""
     g = torch.Generator().manual_seed(seed)
     adapter = TaskAdapter(diki.shape, generator=g)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD
+
 TINY_MODEL_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 3},
 }
-TINY_PREPROCESS_CFG = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+TINY_PREPROCESS_CFG = {"size": 32, "mean": list(CLIP_MEAN),
+                       "std": list(CLIP_STD), "interpolation": "bicubic",
                        "resize_mode": "shortest"}
 
 

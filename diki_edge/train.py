@@ -17,18 +17,22 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, recommended_lr
 from diki_edge_runtime.bank import TaskBank, TaskInfo, TaskSlice
-from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
-from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import BankError
 from diki_edge_runtime.gaussian import DEFAULT_RIDGE, GaussianStats
+
+from diki_edge.backbone import (
+    Backbone,
+    backbone_from_spec,
+    load_backbone,
+    recommended_lr,
+)
+from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
+from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
 from diki_edge.layout import layout_for
 from diki_edge.model import DEFAULT_RESIDUAL_LENGTH, DikiCLIP, TaskAdapter
 from diki_edge.progress import make_progress
-
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 @dataclass

@@ -32,14 +32,14 @@ def main() -> int:
 
     import onnxruntime as ort
     import torch
+    from diki_edge_export import export_model
+    from diki_edge_runtime import Predictor
+    from diki_edge_runtime.bank import TaskBank
 
     from diki_edge.backbone import load_backbone
-    from diki_edge_runtime.bank import TaskBank
     from diki_edge.datasets import make_task
-    from diki_edge_export import export_model
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
-    from diki_edge_runtime import Predictor
     from diki_edge.synthetic import synthetic_task
     from diki_edge.train import image_transform
 

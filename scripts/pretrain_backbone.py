@@ -38,6 +38,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402
+
 from diki_edge.datasets import dcil  # noqa: E402
 
 MODEL_CFG = {
@@ -48,8 +50,8 @@ MODEL_CFG = {
 PREPROCESS_CFG = {
     "size": 32,
     "mode": "RGB",
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
+    "mean": list(CLIP_MEAN),
+    "std": list(CLIP_STD),
     "interpolation": "bicubic",
     "resize_mode": "shortest",
     "fill_color": 0,

@@ -28,7 +28,7 @@ test) and no held-out image was used to pretrain diki-tiny:
 * Sports emoji, textures and faces are never used in pretraining. Textures: train crops from the left half of
   each picture, test crops from the right half.
 
-Prompts: ``TEMPLATE = "a photo of a {}."``.
+Prompts: ``TEMPLATE`` = ``diki_edge_runtime.contract.DEFAULT_TEMPLATE`` ("a photo of a {}.").
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@
 Importing this package does not import torch.
 """
 
-from diki_edge.evaluation.metrics import average, last, mtil_metrics, transfer, transfer_per_task
+from diki_edge.evaluation.metrics import (
+    average,
+    last,
+    mtil_metrics,
+    transfer,
+    transfer_per_task,
+)
 
 __all__ = ["mtil_metrics", "transfer", "average", "last", "transfer_per_task"]

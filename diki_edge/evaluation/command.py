@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
 from diki_edge_runtime.errors import DikiEdgeError
 
 METHOD_HELP = "zero-shot, diki, diki-vote, diki-no-calib, prompt-l2p, finetune, diki-onnx"

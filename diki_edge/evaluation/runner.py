@@ -21,9 +21,21 @@ import numpy as np
 import torch
 
 from diki_edge.evaluation import metrics as M
-from diki_edge.evaluation.methods import (METHOD_KEYS, DikiEngine, DikiMethod, FineTuneConfig, FrozenFeatures,
-                                          Method, OnnxDiki, PromptConfig, PromptEngine, PromptMethod,
-                                          Schedule, SequentialFineTune, ZeroShot)
+from diki_edge.evaluation.methods import (
+    METHOD_KEYS,
+    DikiEngine,
+    DikiMethod,
+    FineTuneConfig,
+    FrozenFeatures,
+    Method,
+    OnnxDiki,
+    PromptConfig,
+    PromptEngine,
+    PromptMethod,
+    Schedule,
+    SequentialFineTune,
+    ZeroShot,
+)
 from diki_edge.evaluation.tasks import EvalTask
 from diki_edge.train import TrainConfig
 

@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-
-DEFAULT_TEMPLATE = "a photo of a {}."
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD
 
 
 @dataclass
@@ -113,11 +113,11 @@ def synthetic_tasks(names: Sequence[str], *, classes: int = 3, train: int = 12, 
     """Tiny tasks of coloured noise (each task a colour domain, each class a brightness pattern), for tests."""
     from PIL import Image
 
-    from diki_edge.train import DEFAULT_TEMPLATE as template
+    template = DEFAULT_TEMPLATE
 
     g = np.random.RandomState(seed)
-    mean = np.array([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = np.array([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    mean = np.array(CLIP_MEAN)[:, None, None]
+    std = np.array(CLIP_STD)[:, None, None]
     out = []
     for ti, name in enumerate(names):
         colour = g.uniform(0.1, 0.9, size=3)

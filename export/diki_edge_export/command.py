@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from diki_edge_runtime.contract import DEFAULT_OPSET, DEFAULT_SKIP_BELOW
 
 
 def export_command(
@@ -22,18 +23,17 @@ def export_command(
                                         help="backbone to export (default: the one named in the bank)"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained",
                                              help="pretrained tag or checkpoint file (default: from the bank)"),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18)"),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help=f"ONNX opset (>= {DEFAULT_OPSET})"),
     dynamo: bool = typer.Option(False, "--dynamo/--torchscript",
                                 help="exporter: torch.export-based (dynamo) or the TorchScript tracer (default)"),
-    skip_below: float = typer.Option(1e-6, "--skip-below",
+    skip_below: float = typer.Option(DEFAULT_SKIP_BELOW, "--skip-below",
                                      help="images whose calibrated M is below this skip the second encoder pass"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
 ) -> None:
     """Export a bank and its backbone to one validated ONNX graph (bank arrays are graph inputs)."""
+    from diki_edge_runtime.errors import DikiEdgeError
     from rich.console import Console
     from rich.markup import escape
-
-    from diki_edge_runtime.errors import DikiEdgeError
 
     err = Console(stderr=True, highlight=False)
     try:

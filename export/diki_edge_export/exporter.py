@@ -43,15 +43,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from diki_edge_export.errors import ExportError
+from diki_edge_runtime.contract import (
+    BANK_FILE,
+    DEFAULT_OPSET,
+    DEFAULT_SKIP_BELOW,
+    EXTERNAL_DATA_FILE,
+    INPUT_NAMES,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    PREPROCESS_FILE,
+    Manifest,
+    dynamic_axes,
+    resolved_io,
+)
 from diki_edge_runtime.errors import DikiEdgeError
-from diki_edge_runtime.contract import (BANK_FILE, EXTERNAL_DATA_FILE, INPUT_NAMES, MANIFEST_FILE, MANIFEST_FORMAT_VERSION,
-                                   MODEL_FILE, OUTPUT_NAMES, PREPROCESS_FILE, dynamic_axes, resolved_io)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_OPSET = 18
+from diki_edge_export.errors import ExportError
+
 DEFAULT_DYNAMO = False
-DEFAULT_SKIP_BELOW = 1e-6  # == diki_edge.calibrated.DEFAULT_SKIP_BELOW (kept torch-free here)
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
 
 
@@ -59,7 +69,7 @@ EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with 
 class ExportResult:
     out_dir: Path
     model_path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +81,7 @@ class ExportResult:
 
     @property
     def validation(self) -> dict[str, Any]:
-        return self.manifest["validation"]
+        return self.manifest.validation
 
 
 class _Steps:
@@ -124,7 +134,12 @@ def _unwrapped_copy(clip):
 
 
 def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
-    from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, weights_hash
+    from diki_edge.backbone import (
+        Backbone,
+        backbone_from_spec,
+        load_backbone,
+        weights_hash,
+    )
 
     spec = bank.layout.backbone
     if backbone is None:
@@ -293,6 +308,43 @@ def _v():
     return validate
 
 
+@dataclass
+class ExportPlan:
+    """Everything :func:`check_export` verified before the long work: options, bank, backbone, output place."""
+
+    bank_path: Path
+    out_dir: Path
+    bank: Any  # TaskBank
+    backbone: Any  # diki_edge.backbone.Backbone
+    digest: str  # weights SHA-256 of the unwrapped backbone
+    diki: Any  # DikiCLIP around an unwrapped copy of the backbone
+    calibrated: Any  # CalibratedDiki, the PyTorch reference of the graph
+    preprocess: dict[str, Any]
+    precision: str
+    opset: int
+    dynamo: bool
+    skip_below: float
+    force: bool
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.preprocess["size"][0]), int(self.preprocess["size"][1])
+
+    @property
+    def exporter(self) -> str:
+        return "dynamo" if self.dynamo else "torchscript"
+
+
+@dataclass
+class Validated:
+    """What :func:`validate_graph` established: per-variant figures, the providers that passed, the final graph."""
+
+    model_path: Path
+    validations: dict[str, Any]
+    providers: list[str]
+    not_validated: str | None
+
+
 def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
                  pretrained: str | None = None, backbone=None, precision: str = "fp32", force: bool = False,
                  opset: int = DEFAULT_OPSET, dynamo: bool = DEFAULT_DYNAMO, skip_below: float = DEFAULT_SKIP_BELOW,
@@ -302,28 +354,56 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     ``model``/``pretrained`` default to the backbone named in the bank; ``backbone`` (a loaded
     :class:`~diki_edge.backbone.Backbone`) skips loading. Raises :class:`ExportError` (or ``BankError`` /
     ``BackboneError``) with a readable message; on any failure ``out_dir`` is left untouched.
+
+    Four steps: :func:`check_export` (everything that can fail before the long work), :func:`build_graph`,
+    :func:`validate_graph` (against the PyTorch reference; raises when outside the bounds), and
+    :func:`write_model_folder`; the folder is staged beside ``out_dir`` and renamed into place at the end.
     """
     t_start = time.perf_counter()
+    steps = _Steps(quiet)
+    plan = check_export(bank_path, out_dir, model=model, pretrained=pretrained, backbone=backbone,
+                        precision=precision, force=force, opset=opset, dynamo=dynamo, skip_below=skip_below,
+                        steps=steps)
+    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.out_dir.name}.tmp-", dir=plan.out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        base_path = build_graph(plan, tmp, steps)
+        validated = validate_graph(plan, base_path, tmp, steps)
+        manifest = write_model_folder(plan, tmp, validated)
+        _move_into_place(tmp, plan.out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t_start
+    result = ExportResult(plan.out_dir, plan.out_dir / MODEL_FILE, manifest, seconds, dict(steps.timings))
+    steps.console.print(f"[bold green]exported[/bold green] {plan.out_dir} ({precision}, "
+                        f"{result.model_bytes / 1e6:.1f} MB graph, {seconds:.1f} s)")
+    return result
+
+
+def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None,
+                 pretrained: str | None, backbone, precision: str, force: bool, opset: int, dynamo: bool,
+                 skip_below: float, steps: "_Steps") -> ExportPlan:
+    """Options, output place, bank and backbone: every check that needs no export, done before the export."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if int(opset) < 18:
-        raise ExportError(f"opset {opset} is too old; diki-edge exports with opset >= 18")
+    if int(opset) < DEFAULT_OPSET:
+        raise ExportError(f"opset {opset} is too old; diki-edge exports with opset >= {DEFAULT_OPSET}")
     if not skip_below >= 0.0:
         raise ExportError(f"skip_below must be >= 0 (got {skip_below})")
     out_dir = Path(out_dir)
     bank_path = Path(bank_path)
     _check_out_dir(out_dir, force)
-    steps = _Steps(quiet)
-    console = steps.console
-
-    import torch
 
     from diki_edge_runtime.bank import TaskBank
+
     from diki_edge.calibrated import CalibratedDiki
-    from diki_edge_export import validate as V
-    from diki_edge_export.graph import ExportGraph, check_visual
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
+    from diki_edge_export.graph import check_visual
 
     bank = steps.run(f"loading bank {bank_path}", TaskBank.load, bank_path)
     if bank.num_tasks == 0:
@@ -345,102 +425,105 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     if problem:
         raise ExportError(f"{bank_path}: bank does not fit this backbone: {problem}")
     calibrated = CalibratedDiki(diki, skip_below=skip_below).eval()
-    prep = preprocess_json(backbone.preprocess_cfg)
-    image_size = (prep["size"][0], prep["size"][1])
-    inputs = bank.graph_inputs()
+    return ExportPlan(bank_path, out_dir, bank, backbone, digest, diki, calibrated,
+                      preprocess_json(backbone.preprocess_cfg), precision, int(opset), bool(dynamo),
+                      float(skip_below), force)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        scratch = tmp / "_scratch"
-        scratch.mkdir()
-        g = torch.Generator().manual_seed(0)
-        example = (torch.randn(2, 3, *image_size, generator=g),) + tuple(
-            torch.from_numpy(inputs[k].copy()) for k in INPUT_NAMES[1:])
-        encoder_dtype = torch.float16 if precision == "fp16" else torch.float32
-        graph = ExportGraph(calibrated, encoder_dtype=encoder_dtype).eval()
-        exporter = "dynamo" if dynamo else "torchscript"
-        steps.run(f"exporting {precision} graph ({exporter}, opset {opset})", _export_onnx, graph, example,
-                  scratch / MODEL_FILE, opset, dynamo)
-        del graph
-        base_dir = tmp if precision != "int8" else tmp / "_fp32"
-        base_dir.mkdir(exist_ok=True)
-        base_path = steps.run("onnx.checker", _finalize_onnx, scratch, base_dir)
 
-        cases = steps.run("preparing validation images (scikit-image) and probe bank", V.validation_cases,
-                          inputs, diki, backbone.preprocess_cfg, image_size)
-        refs = steps.run("PyTorch reference (CalibratedDiki)", V.reference_outputs, calibrated, cases)
-        validations: dict[str, Any] = {}
-        validated_providers: list[str] = []
-        not_validated: str | None = None
-        cpu = "CPUExecutionProvider"
-        if precision in ("fp32", "int8"):
-            sess = steps.run("ONNX Runtime session (fp32, CPU)", _session, base_path, cpu)
-            validations["fp32"] = steps.run("validating fp32 against PyTorch", V.validate_fp32, calibrated,
-                                            V.onnx_runner(sess), cases, cpu, refs)
-            del sess
-            if validations["fp32"].passed:
-                validated_providers.append(cpu)
-        if precision == "int8" and validations["fp32"].passed:
-            steps.run("dynamic int8 quantisation (onnxruntime.quantization)", _quantize_int8, base_path,
-                      tmp / MODEL_FILE)
-            steps.run("onnx.checker (int8)", onnx_check, tmp / MODEL_FILE)
-            sess = steps.run("ONNX Runtime session (int8, CPU)", _session, tmp / MODEL_FILE, cpu)
-            validations["int8"] = steps.run("validating int8 against fp32", V.validate_variant, "int8",
-                                            V.onnx_runner(sess), cases, cpu, refs, V.INT8_MIN_COSINE,
-                                            V.INT8_MIN_TOP1_AGREEMENT)
-            del sess
-        if precision == "fp16":
-            providers = _fp16_providers() + [cpu]
-            reasons = []
-            for provider in providers:
-                try:
-                    sess = _session(base_path, provider)
-                    run = V.onnx_runner(sess)
-                    run(cases[0].pixels[:1], cases[0].inputs)
-                except Exception as exc:  # no fp16 kernels for some node on this provider
-                    reasons.append(f"{provider}: {str(exc).strip().splitlines()[0][:200]}")
-                    continue
-                validations["fp16"] = steps.run(f"validating fp16 against fp32 ({provider})", V.validate_variant,
-                                                "fp16", run, cases, provider, refs, V.FP16_MIN_COSINE)
-                break
-            if "fp16" not in validations:
-                not_validated = ("fp16 graph not validated: no execution provider available here can run it ("
-                                 + "; ".join(reasons) + "); validate on a CUDA machine")
-            elif validations["fp16"].provider == cpu:
-                note = ("fp16 validated on the CPU provider only; the CUDA provider it targets was not "
-                        "available here")
-                not_validated = note
-            if validations.get("fp16") is not None and validations["fp16"].passed:
-                validated_providers.append(validations["fp16"].provider)
+def build_graph(plan: ExportPlan, tmp: Path, steps: "_Steps") -> Path:
+    """Trace the calibrated graph (encoders in float16 for fp16) and run the checker; returns the fp32/fp16 graph
+    (in ``tmp`` itself, or in ``tmp/_fp32`` when int8 will be derived from it)."""
+    import torch
 
-        if validations:
-            console.print(validation_table(validations))
-        failures = [f"{name}: {msg}" for name, v in validations.items() for msg in v.failures]
-        if failures:
-            raise ExportError("export validation failed, nothing was written:\n  " + "\n  ".join(failures))
-        if not_validated:
-            console.print(f"[yellow]note:[/yellow] {not_validated}")
+    from diki_edge_export.graph import ExportGraph
 
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(tmp / "_fp32", ignore_errors=True)
-        shutil.copyfile(bank_path, tmp / BANK_FILE)
-        (tmp / PREPROCESS_FILE).write_text(json.dumps(prep, indent=2) + "\n")
-        manifest = _manifest(bank, backbone, digest, prep, image_size, opset, exporter, precision, skip_below,
-                             validations, validated_providers, not_validated, tmp)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - t_start
-    result = ExportResult(out_dir, out_dir / MODEL_FILE, manifest, seconds, dict(steps.timings))
-    console.print(f"[bold green]exported[/bold green] {out_dir} ({precision}, "
-                  f"{result.model_bytes / 1e6:.1f} MB graph, {seconds:.1f} s)")
-    return result
+    scratch = tmp / "_scratch"
+    scratch.mkdir()
+    inputs = plan.bank.graph_inputs()
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(2, 3, *plan.image_size, generator=g),) + tuple(
+        torch.from_numpy(inputs[k].copy()) for k in INPUT_NAMES[1:])
+    encoder_dtype = torch.float16 if plan.precision == "fp16" else torch.float32
+    graph = ExportGraph(plan.calibrated, encoder_dtype=encoder_dtype).eval()
+    steps.run(f"exporting {plan.precision} graph ({plan.exporter}, opset {plan.opset})", _export_onnx, graph,
+              example, scratch / MODEL_FILE, plan.opset, plan.dynamo)
+    del graph
+    base_dir = tmp if plan.precision != "int8" else tmp / "_fp32"
+    base_dir.mkdir(exist_ok=True)
+    base_path = steps.run("onnx.checker", _finalize_onnx, scratch, base_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return base_path
+
+
+def validate_graph(plan: ExportPlan, base_path: Path, tmp: Path, steps: "_Steps") -> Validated:
+    """Run the graph in ONNX Runtime against the PyTorch reference (and derive + validate int8 from a validated
+    fp32 graph); raises :class:`ExportError` listing every bound that failed."""
+    from diki_edge_export import validate as V
+
+    inputs = plan.bank.graph_inputs()
+    cases = steps.run("preparing validation images (scikit-image) and probe bank", V.validation_cases,
+                      inputs, plan.diki, plan.backbone.preprocess_cfg, plan.image_size)
+    refs = steps.run("PyTorch reference (CalibratedDiki)", V.reference_outputs, plan.calibrated, cases)
+    validations: dict[str, Any] = {}
+    providers: list[str] = []
+    not_validated: str | None = None
+    model_path = base_path
+    cpu = "CPUExecutionProvider"
+    if plan.precision in ("fp32", "int8"):
+        sess = steps.run("ONNX Runtime session (fp32, CPU)", _session, base_path, cpu)
+        validations["fp32"] = steps.run("validating fp32 against PyTorch", V.validate_fp32, plan.calibrated,
+                                        V.onnx_runner(sess), cases, cpu, refs)
+        del sess
+        if validations["fp32"].passed:
+            providers.append(cpu)
+    if plan.precision == "int8" and validations["fp32"].passed:
+        model_path = tmp / MODEL_FILE
+        steps.run("dynamic int8 quantisation (onnxruntime.quantization)", _quantize_int8, base_path, model_path)
+        steps.run("onnx.checker (int8)", onnx_check, model_path)
+        sess = steps.run("ONNX Runtime session (int8, CPU)", _session, model_path, cpu)
+        validations["int8"] = steps.run("validating int8 against fp32", V.validate_variant, "int8",
+                                        V.onnx_runner(sess), cases, cpu, refs, V.INT8_MIN_COSINE,
+                                        V.INT8_MIN_TOP1_AGREEMENT)
+        del sess
+    if plan.precision == "fp16":
+        reasons = []
+        for provider in _fp16_providers() + [cpu]:
+            try:
+                sess = _session(base_path, provider)
+                run = V.onnx_runner(sess)
+                run(cases[0].pixels[:1], cases[0].inputs)
+            except Exception as exc:  # no fp16 kernels for some node on this provider
+                reasons.append(f"{provider}: {str(exc).strip().splitlines()[0][:200]}")
+                continue
+            validations["fp16"] = steps.run(f"validating fp16 against fp32 ({provider})", V.validate_variant,
+                                            "fp16", run, cases, provider, refs, V.FP16_MIN_COSINE)
+            break
+        if "fp16" not in validations:
+            not_validated = ("fp16 graph not validated: no execution provider available here can run it ("
+                             + "; ".join(reasons) + "); validate on a CUDA machine")
+        elif validations["fp16"].provider == cpu:
+            not_validated = "fp16 validated on the CPU provider only; the CUDA provider it targets was not available here"
+        if validations.get("fp16") is not None and validations["fp16"].passed:
+            providers.append(validations["fp16"].provider)
+
+    if validations:
+        steps.console.print(validation_table(validations))
+    failures = [f"{name}: {msg}" for name, v in validations.items() for msg in v.failures]
+    if failures:
+        raise ExportError("export validation failed, nothing was written:\n  " + "\n  ".join(failures))
+    if not_validated:
+        steps.console.print(f"[yellow]note:[/yellow] {not_validated}")
+    return Validated(model_path, validations, providers, not_validated)
+
+
+def write_model_folder(plan: ExportPlan, tmp: Path, validated: Validated) -> Manifest:
+    """Complete the staged folder: the bank, ``preprocess.json`` and ``manifest.json`` beside the graph."""
+    shutil.rmtree(tmp / "_fp32", ignore_errors=True)
+    shutil.copyfile(plan.bank_path, tmp / BANK_FILE)
+    (tmp / PREPROCESS_FILE).write_text(json.dumps(plan.preprocess, indent=2) + "\n")
+    manifest = _manifest(plan, validated, tmp)
+    manifest.save(tmp)
+    return manifest
 
 
 def onnx_check(path: Path) -> None:
@@ -463,39 +546,31 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         os.replace(tmp, out_dir)
 
 
-def _manifest(bank, backbone, digest, prep, image_size, opset, exporter, precision, skip_below, validations,
-              validated_providers, not_validated, folder: Path) -> dict[str, Any]:
+def _manifest(plan: ExportPlan, validated: Validated, folder: Path) -> Manifest:
     import onnx
     import onnxruntime
     import torch
 
     import diki_edge
 
-    io = resolved_io(bank.layout, image_size)
-    manifest: dict[str, Any] = {
-        "format_version": MANIFEST_FORMAT_VERSION,
-        "inputs": io["inputs"],
-        "outputs": io["outputs"],
-        "files": {
-            "model": MODEL_FILE,
-            **({"model_data": EXTERNAL_DATA_FILE} if (folder / EXTERNAL_DATA_FILE).exists() else {}),
-            "bank": BANK_FILE, "preprocess": PREPROCESS_FILE,
-        },
-        "backbone": {**backbone.spec, "weights_sha256": digest, "preprocess": prep},
-        "bank_layout": bank.layout.to_json(),
-        "bank": {"tasks": bank.task_names, "classes": len(bank.class_names)},
-        "opset": int(opset),
-        "exporter": exporter,
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": onnxruntime.__version__,
-        "diki_edge_version": diki_edge.__version__,
-        "precision": precision,
-        "skip_below": float(skip_below),
-        "validation": {name: v.to_json() for name, v in validations.items()},
-        "validated_providers": validated_providers,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if not_validated:
-        manifest["not_validated"] = not_validated
-    return manifest
+    io = resolved_io(plan.bank.layout, plan.image_size)
+    return Manifest(
+        inputs=io["inputs"],
+        outputs=io["outputs"],
+        files={"model": MODEL_FILE,
+               **({"model_data": EXTERNAL_DATA_FILE} if (folder / EXTERNAL_DATA_FILE).exists() else {}),
+               "bank": BANK_FILE, "preprocess": PREPROCESS_FILE},
+        backbone={**plan.backbone.spec, "weights_sha256": plan.digest, "preprocess": plan.preprocess},
+        bank_layout=plan.bank.layout.to_json(),
+        bank={"tasks": plan.bank.task_names, "classes": len(plan.bank.class_names)},
+        opset=plan.opset,
+        exporter=plan.exporter,
+        precision=plan.precision,
+        skip_below=plan.skip_below,
+        validation={name: v.to_json() for name, v in validated.validations.items()},
+        validated_providers=validated.providers,
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                  "diki_edge": diki_edge.__version__},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        not_validated=validated.not_validated,
+    )

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diki_edge.calibrated import CalibratedDiki, CalibratedOutput
-from diki_edge_export.errors import ExportError
 from diki_edge.model import ResidualKVAttention, ResidualSlot, residual
+from diki_edge_export.errors import ExportError
 
 
 def _static_embeds(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from diki_edge_runtime.gaussian import GaussianStats
 

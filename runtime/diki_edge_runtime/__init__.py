@@ -5,7 +5,12 @@ a :class:`Predictor` (its :class:`~diki_edge_runtime.session.Session`) is create
 with the install command (``pip install 'diki-edge[cpu]'`` or ``'diki-edge[gpu]'``).
 """
 
-from diki_edge_runtime.images import DEFAULT_MAX_PIXELS, ERROR_KINDS, ImageError, load_rgb
+from diki_edge_runtime.images import (
+           DEFAULT_MAX_PIXELS,
+           ERROR_KINDS,
+           ImageError,
+           load_rgb,
+)
 from diki_edge_runtime.predictor import Prediction, Predictor
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.session import Session, cuda_unavailable_reason

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import BankError
 from diki_edge_runtime.gaussian import GaussianScoring, GaussianStats
 
@@ -82,7 +83,7 @@ ARRAY_DTYPES = {
 class TaskInfo:
     name: str
     classes: list[str]
-    template: str = "a photo of a {}."
+    template: str = DEFAULT_TEMPLATE
     num_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +98,7 @@ class TaskInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TaskInfo":
-        return cls(d["name"], list(d["classes"]), d.get("template", "a photo of a {}."), int(d.get("num_samples", 0)),
+        return cls(d["name"], list(d["classes"]), d.get("template", DEFAULT_TEMPLATE), int(d.get("num_samples", 0)),
                    dict(d.get("extra", {})))
 
 

@@ -43,8 +43,8 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-                  ".jfif"}
+from diki_edge_runtime.images import IMAGE_SUFFIXES
+
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 _GLOB_CHARS = set("*?[")
 
@@ -136,9 +136,8 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
                 top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
                 quiet: bool = False) -> int:
     """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
-    from rich.console import Console
-
     from PIL import Image
+    from rich.console import Console
 
     from diki_edge_runtime.errors import DikiEdgeError
     from diki_edge_runtime.predictor import Prediction, Predictor
@@ -179,7 +178,13 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     show_progress = not quiet and len(paths) > batch_size
     progress = None
     if show_progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                             console=err, transient=True)

@@ -58,6 +58,10 @@ ERROR_KINDS = (
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
+# File suffixes taken as images when a folder is scanned (predict's directory inputs, training's class folders).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                            ".pbm", ".jfif"})
+
 
 class ImageError(DikiEdgeError):
     """One input could not be turned into an image; ``kind`` is one of :data:`ERROR_KINDS`."""

@@ -25,7 +25,6 @@ every :meth:`Predictor.predict` call works on the snapshot current when it start
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -36,14 +35,25 @@ import numpy as np
 from PIL import Image
 
 from diki_edge_runtime.bank import BankLayout, TaskBank
+from diki_edge_runtime.contract import (
+    BANK_FILE,
+    INPUT_NAMES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    PREPROCESS_FILE,
+    Manifest,
+)
 from diki_edge_runtime.errors import BankError, RuntimeSetupError
-from diki_edge_runtime.contract import BANK_FILE, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, MODEL_FILE, PREPROCESS_FILE
-from diki_edge_runtime.contract import INPUT_NAMES as GRAPH_INPUTS
-from diki_edge_runtime.contract import OUTPUT_NAMES as GRAPH_OUTPUTS
-from diki_edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, ImageInput, describe_input, load_rgb
+from diki_edge_runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageInput,
+    describe_input,
+    load_rgb,
+)
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.session import BankHandle, Session, numpy_dtype
-
 
 
 @dataclass
@@ -92,19 +102,6 @@ class _BankState:
     source: str
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RuntimeSetupError(f"{path}: {what} not found (is {path.parent} an exported diki-edge model "
-                                "folder? create one with `diki-edge export`)") from None
-    except (OSError, ValueError) as exc:
-        raise RuntimeSetupError(f"{path}: cannot read {what}: {exc}") from None
-    if not isinstance(data, dict):
-        raise RuntimeSetupError(f"{path}: {what} must be a JSON object")
-    return data
-
-
 class Predictor:
     """Calibrated inference through ONNX Runtime (see the module docstring)."""
 
@@ -123,31 +120,21 @@ class Predictor:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise RuntimeSetupError(f"{self.model_dir}: model folder not found")
-        self.manifest = _read_json(self.model_dir / MANIFEST_FILE, "manifest")
-        version = self.manifest.get("format_version")
-        if version != MANIFEST_FORMAT_VERSION:
-            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: model format version {version!r} is not "
-                                    f"supported (this diki-edge reads version {MANIFEST_FORMAT_VERSION}); "
-                                    "re-export the model with this version")
+        self.manifest = Manifest.load(self.model_dir)
         try:
-            self.layout = BankLayout.from_json(self.manifest["bank_layout"])
-            inputs = self.manifest["inputs"]
-            missing = [n for n in GRAPH_INPUTS if n not in inputs]
-            missing += [n for n in GRAPH_OUTPUTS if n not in self.manifest["outputs"]]
-            self._dtypes = {n: numpy_dtype(inputs[n]["dtype"]) for n in GRAPH_INPUTS if n in inputs}
+            self.layout = BankLayout.from_json(self.manifest.bank_layout)
         except (KeyError, TypeError) as exc:
-            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: malformed manifest ({exc!r})") from None
-        if missing:
-            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: manifest lacks graph tensors {missing}")
+            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: malformed bank_layout ({exc!r})") from None
+        self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in INPUT_NAMES}
         self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
         self.max_pixels = max_pixels
         self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
                                io_binding=io_binding)
-        absent = [n for n in GRAPH_INPUTS if n not in self.session.input_types]
-        absent += [n for n in GRAPH_OUTPUTS if n not in self.session.output_names]
+        absent = [n for n in INPUT_NAMES if n not in self.session.input_types]
+        absent += [n for n in OUTPUT_NAMES if n not in self.session.output_names]
         if absent:
             raise RuntimeSetupError(f"{self.model_dir / MODEL_FILE}: graph lacks inputs/outputs {absent}")
-        for name in GRAPH_INPUTS:
+        for name in INPUT_NAMES:
             if self.session.input_dtype(name) != self._dtypes[name]:
                 raise RuntimeSetupError(f"{self.model_dir}: manifest declares {name} as {self._dtypes[name]} but the "
                                         f"graph takes {self.session.input_types[name]}")
@@ -183,8 +170,8 @@ class Predictor:
         return {
             "model_dir": str(self.model_dir),
             "providers": self.providers,
-            "backbone": self.manifest.get("backbone", self.layout.backbone),
-            "precision": self.manifest.get("precision"),
+            "backbone": self.manifest.backbone,
+            "precision": self.manifest.precision,
             "image_size": list(self.preprocess.size),
             "bank": state.source if state else None,
             "tasks": [{"name": t.name, "classes": len(t.classes)} for t in state.bank.tasks] if state else [],
@@ -219,6 +206,46 @@ class Predictor:
         return loaded
 
     # ----------------------------------------------------------------- inference
+    def pixel_values(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Decode and preprocess images into the graph's ``pixel_values`` ``[B, 3, H, W]`` (float32), exactly as
+        :meth:`predict` does; a bad image raises its :class:`~diki_edge_runtime.images.ImageError`."""
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) and not (
+                isinstance(images, np.ndarray) and images.ndim == 4):
+            images = [images]
+        return np.stack([self.preprocess(load_rgb(im, self.max_pixels, i)) for i, im in enumerate(images)])
+
+    def feeds(self, pixel_values: np.ndarray, bank_arrays: dict[str, np.ndarray] | None = None
+              ) -> dict[str, np.ndarray]:
+        """Every graph input by name, cast to the graph's dtypes: ``pixel_values`` plus the current bank's arrays
+        (or ``bank_arrays``, e.g. a bank's ``graph_inputs()`` with another class table)."""
+        state = self._state
+        assert state is not None
+        arrays = state.handle.host if bank_arrays is None else bank_arrays
+        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=self._dtypes["pixel_values"])}
+        for name in INPUT_NAMES[1:]:
+            feeds[name] = np.ascontiguousarray(arrays[name], dtype=self._dtypes[name])
+        return feeds
+
+    def run_arrays(self, pixel_values: np.ndarray, bank_arrays: dict[str, np.ndarray] | None = None,
+                   batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """The graph's raw outputs (``contract.OUTPUT_NAMES``) for preprocessed pixels ``[B, 3, H, W]``.
+
+        Under the current bank, or under explicit ``bank_arrays`` (the graph inputs other than ``pixel_values``;
+        on CUDA those are uploaded once per call). ``batch_size`` splits the pixels into forwards of at most that
+        many images. No per-image error isolation: this is the evaluator's and the benchmarks' entry point.
+        """
+        state = self._state
+        assert state is not None
+        if bank_arrays is None:
+            handle = state.handle
+        else:
+            feeds = self.feeds(pixel_values[:0], bank_arrays)
+            handle = self.session.prepare_bank({k: v for k, v in feeds.items() if k != "pixel_values"})
+        n = len(pixel_values)
+        step = n if not batch_size else int(batch_size)
+        outs = [self.session.run(pixel_values[i:i + step], handle) for i in range(0, max(n, 1), max(step, 1))]
+        return {name: np.concatenate([o[name] for o in outs]) for name in OUTPUT_NAMES}
+
     def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 8,
                 on_progress: Callable[[int], None] | None = None) -> list[Prediction]:
         """One :class:`Prediction` per input, in order; a bad input gets its error, the others are predicted."""

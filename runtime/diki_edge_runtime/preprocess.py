@@ -36,6 +36,10 @@ from PIL import Image
 
 from diki_edge_runtime.errors import RuntimeSetupError
 
+# open_clip's OPENAI_DATASET_MEAN / _STD: the normalisation a preprocess config falls back to.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
 
@@ -65,8 +69,8 @@ class Preprocess:
                 hw = (int(size[0]), int(size[1]))
             else:
                 raise ValueError(f"size must be an int or [H, W], got {size!r}")
-            mean = _triple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), "mean")
-            std = _triple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), "std")
+            mean = _triple(cfg.get("mean", CLIP_MEAN), "mean")
+            std = _triple(cfg.get("std", CLIP_STD), "std")
             interpolation = str(cfg.get("interpolation") or "bicubic")
             if interpolation == "random":  # open_clip: 'random' only matters for training; inference is bicubic
                 interpolation = "bicubic"

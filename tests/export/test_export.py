@@ -14,7 +14,8 @@ onnx = pytest.importorskip("onnx")
 from diki_edge_runtime.bank import TaskBank  # noqa: E402
 from diki_edge.calibrated import CalibratedDiki, bank_tensors  # noqa: E402
 from diki_edge_export.errors import ExportError  # noqa: E402
-from diki_edge_export import INPUT_NAMES, OUTPUT_NAMES, export_model  # noqa: E402
+from diki_edge_export import export_model  # noqa: E402
+from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES, Manifest  # noqa: E402
 from diki_edge_export.validate import score_rel_error  # noqa: E402
 from diki_edge.layout import layout_for  # noqa: E402
 from diki_edge.model import DikiCLIP  # noqa: E402
@@ -88,6 +89,7 @@ def test_folder_contents_and_manifest(exported, world):
     assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json", "model.onnx",
                                                          "preprocess.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
+    assert Manifest.from_json(manifest) == result.manifest  # the typed manifest round-trips through the file
     assert manifest["format_version"] == 1
     assert list(manifest["inputs"]) == list(INPUT_NAMES)
     assert list(manifest["outputs"]) == list(OUTPUT_NAMES)
@@ -176,7 +178,7 @@ def test_int8_export_meets_its_bound(world, tmp_path):
 
     bank_path = world.banks[3].save(tmp_path / "bank.safetensors")
     result = export_model(bank_path, tmp_path / "int8", backbone=world.backbone, precision="int8", quiet=True)
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["precision"] == "int8"
     assert manifest["validation"]["fp32"]["passed"] and manifest["validation"]["int8"]["passed"]
     summary = manifest["validation"]["int8"]["summary"]
@@ -197,7 +199,7 @@ def test_int8_export_meets_its_bound(world, tmp_path):
 def test_fp16_export_states_where_it_was_validated(world, tmp_path):
     bank_path = world.banks[2].save(tmp_path / "bank.safetensors")
     result = export_model(bank_path, tmp_path / "fp16", backbone=world.backbone, precision="fp16", quiet=True)
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["precision"] == "fp16"
     assert manifest["inputs"]["pixel_values"]["dtype"] == "float32"  # fp16 encoder, float32 interface
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -227,7 +229,7 @@ def test_backbone_reloaded_from_bank_metadata(world, tmp_path, tiny_model_spec):
     bank_path = world.banks[1].save(tmp_path / "bank.safetensors")
     assert world.banks[1].layout.backbone["model"] == tiny_model_spec
     result = export_model(bank_path, tmp_path / "out", quiet=True)  # no model given: from the bank
-    assert result.manifest["backbone"]["model"] == tiny_model_spec
+    assert result.manifest.backbone["model"] == tiny_model_spec
 
 
 def test_empty_bank_is_a_clear_error(world, tmp_path):
@@ -300,7 +302,7 @@ def test_command_module_does_not_import_torch():
 def test_dynamo_exporter_is_also_validated(world, tmp_path):
     bank_path = world.banks[2].save(tmp_path / "bank.safetensors")
     result = export_model(bank_path, tmp_path / "dyn", backbone=world.backbone, dynamo=True, quiet=True)
-    assert result.manifest["exporter"] == "dynamo" and result.manifest["validation"]["fp32"]["passed"]
+    assert result.manifest.exporter == "dynamo" and result.manifest.validation["fp32"]["passed"]
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     pixels = torch.cat([world.images(5, 2), world.images(6, 1)])  # all unfamiliar: zero-row pass 2
     assert_parity(run_graph(session, pixels, world.banks[3]), world.reference(pixels, world.banks[3]))

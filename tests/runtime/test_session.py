@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ from diki_edge_runtime.errors import RuntimeSetupError
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from support import BLOCK_TORCH, REPO, run_blocked  # noqa: E402  (tests/support.py)
+from support import BLOCK_TORCH, run_blocked  # noqa: E402  (tests/support.py)
 
 
 def _identity_model(path: Path) -> Path:
