@@ -7,26 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from diki_edge_runtime.bank import FORMAT_VERSION, METADATA_KEY, TaskBank
 from diki_edge_runtime.errors import BankError
-from diki_edge.layout import layout_for
-from diki_edge.model import DikiCLIP
-from diki_edge.synthetic import synthetic_task
 
 
 @pytest.fixture()
-def bank_setup(tiny_backbone):
-    diki = DikiCLIP(tiny_backbone.model)
-    layout = layout_for(tiny_backbone, diki)
-
-    def task(name, n_classes, seed):
-        imgs = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 0.2 + seed
-        return synthetic_task(diki, tiny_backbone.tokenizer, name, [f"{name} class {i}" for i in range(n_classes)],
-                              imgs, layout.calibration_levels, seed=seed)
-
-    return layout, task
+def bank_setup(layout, make_task):
+    """(layout, task factory) -- banks from numpy arrays (tests/runtime/conftest.py)."""
+    return layout, make_task
 
 
 def test_round_trip_preserves_everything(tmp_path, bank_setup):
@@ -75,7 +64,7 @@ def _write_raw(path: Path, arrays, meta):
     save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(meta)})
 
 
-def test_clear_errors(tmp_path, bank_setup, tiny_backbone):
+def test_clear_errors(tmp_path, bank_setup):
     layout, task = bank_setup
     bank = TaskBank.empty(layout).with_task(task("a", 3, 0))
     good = bank.save(tmp_path / "good.safetensors")

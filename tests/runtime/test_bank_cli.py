@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from diki_edge_runtime.bank import TaskBank
-from diki_edge.layout import layout_for
-from diki_edge.model import DikiCLIP
-from diki_edge.synthetic import synthetic_task
+from support import NOT_RUNTIME, block  # tests/support.py
 
 
 @pytest.fixture()
-def two_banks(tmp_path, tiny_backbone):
-    diki = DikiCLIP(tiny_backbone.model)
-    layout = layout_for(tiny_backbone, diki)
-    paths = []
-    for i, name in enumerate(["pets", "cars"]):
-        imgs = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(i))
-        task = synthetic_task(diki, tiny_backbone.tokenizer, name, [f"{name} {j}" for j in range(2 + i)], imgs,
-                              layout.calibration_levels, seed=i)
-        paths.append(TaskBank.empty(layout).with_task(task).save(tmp_path / f"{name}.safetensors"))
-    return paths
+def two_banks(tmp_path, layout, make_task):
+    return [TaskBank.empty(layout).with_task(make_task(name, 2 + i, seed=i)).save(tmp_path / f"{name}.safetensors")
+            for i, name in enumerate(["pets", "cars"])]
 
 
 def run(*args):
@@ -38,7 +29,7 @@ def run(*args):
 def test_show_merge_remove_rename(tmp_path, two_banks):
     pets, cars = two_banks
     shown = run("bank", "show", pets)
-    assert shown.returncode == 0 and "pets" in shown.stdout and "pets 1" in shown.stdout
+    assert shown.returncode == 0 and "pets" in shown.stdout and "pets class 1" in shown.stdout
     merged = tmp_path / "merged.safetensors"
     assert run("bank", "merge", merged, pets, cars).returncode == 0
     info = json.loads(run("bank", "show", merged, "--json").stdout)
@@ -64,25 +55,20 @@ def test_bank_commands_do_not_import_torch(two_banks):
     assert r.returncode == 0, r.stderr
 
 
-NO_TORCH = """
-import sys
-class _Missing:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, _Missing())
-from diki_edge_runtime.cli import main
-main()
-"""
-
-
-def test_training_commands_on_a_runtime_only_install_say_which_extra(tmp_path):
-    """Without torch (the base + cpu install), train/export name the distribution to install instead of a traceback."""
+def test_training_commands_on_a_runtime_only_install_name_what_to_install(tmp_path):
+    """Where only the runtime is importable (the training core and the exporter are blocked here; a runtime-only
+    venv has no entry points for them at all), train/export/eval name what to install, exit 2, no traceback."""
+    script = block(*NOT_RUNTIME) + "from diki_edge_runtime.cli import main\nmain()\n"
     for args in (["train", "--bank", str(tmp_path / "b.safetensors"), "--task", "t", "--data", str(tmp_path)],
-                 ["export", "--bank", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "m")]):
-        r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True,
+                 ["export", "--bank", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "m")],
+                 ["eval", "--help"]):
+        r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                            env={**os.environ, "COLUMNS": "200"})
-        assert r.returncode == 2, r.stderr
-        assert "needs 'torch', which is not installed" in r.stderr and "pip install diki-edge" in r.stderr
-        assert "Traceback" not in r.stderr
+        assert r.returncode == 2, (args, r.stderr)
+        assert f"`diki-edge {args[0]}` is not part of this install" in r.stderr
+        assert re.search(r"pip install '?diki-edge", r.stderr) and "Traceback" not in r.stderr
+    help_text = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    listed = set(re.findall(r"^\W+([a-z]+)\s", help_text.stdout, re.MULTILINE))  # rows of the Commands panel
+    assert help_text.returncode == 0 and {"predict", "bank"} <= listed
+    assert not listed & {"train", "export", "eval", "demo"}, listed
