@@ -1,8 +1,10 @@
-"""The torch-free Predictor on a real exported model: parity with CalibratedDiki, bank swaps, bad inputs,
-concurrency and the ``predict`` command (JSON through a subprocess where torch cannot be imported).
+"""The torch-free Predictor on the committed golden model folder (tests/runtime/golden): parity with the PyTorch
+reference outputs stored beside it, bank swaps, bad inputs, concurrency and the ``predict`` command (JSON through
+a subprocess where torch cannot be imported).
 
-One exported tiny model per module (the backbone of tests/conftest.py, three synthetic tasks fitted to variants
-of real scikit-image photographs so that images of those photographs are familiar and pass 2 runs).
+The folder (scripts/make_golden_model.py) holds the tiny backbone exported with three synthetic tasks fitted to
+crops of scikit-image photographs, so that unseen crops of those photographs are familiar and pass 2 runs for
+them; ``golden.npz`` holds what ``CalibratedDiki`` computed for its images under each bank.
 """
 
 from __future__ import annotations
@@ -14,157 +16,67 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
-pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
-skdata = pytest.importorskip("skimage.data")
+from diki_edge_runtime import Predictor
+from diki_edge_runtime.bank import TaskBank
+from diki_edge_runtime.errors import BankError
+from diki_edge_runtime.gaussian import calibration_weight
+from support import BLOCK_TORCH, REPO  # tests/support.py
 
-from diki_edge_runtime.bank import TaskBank  # noqa: E402
-from diki_edge_runtime.errors import BankError  # noqa: E402
-from diki_edge_runtime import Predictor  # noqa: E402
-from support import BLOCK_TORCH, REPO  # noqa: E402  (tests/support.py)
-
-PHOTOS = {"pets": "chelsea", "drinks": "coffee", "space": "rocket", "portraits": "astronaut"}
-CLASSES = {
-    "pets": ["cat", "dog", "fox"],
-    "drinks": ["coffee", "tea"],
-    "space": ["rocket", "plane", "bird", "balloon"],
-    "portraits": ["astronaut", "pilot", "diver"],
-}
-
-
-def _variants(photo: str, n: int, seed: int) -> list[Image.Image]:
-    """Random crops / flips / brightness changes of one photograph."""
-    rng = np.random.default_rng(seed)
-    base = Image.fromarray(getattr(skdata, photo)()).convert("RGB")
-    out = []
-    for _ in range(n):
-        w, h = base.size
-        s = rng.uniform(0.6, 1.0)
-        cw, ch = int(w * s), int(h * s * rng.uniform(0.8, 1.2))
-        ch = min(ch, h)
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        im = base.crop((x0, y0, x0 + cw, y0 + ch))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.clip(np.asarray(im, np.float32) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
-        out.append(Image.fromarray(arr))
-    return out
-
-
-class World:
-    """Everything the tests share: backbone, DikiCLIP, layout, banks, the exported folder, test images."""
-
-    def __init__(self, tmp: Path, spec: str):
-        from diki_edge.backbone import load_backbone
-        from diki_edge.calibrated import CalibratedDiki
-        from diki_edge.layout import layout_for
-        from diki_edge.model import DikiCLIP
-        from diki_edge.synthetic import synthetic_task
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
-        self.tmp = tmp
-        self.backbone = load_backbone(spec)
-        self.diki = DikiCLIP(self.backbone.model)
-        self.layout = layout_for(self.backbone, self.diki)
-        self.reference = CalibratedDiki(self.diki).eval()
-        self.transform = image_transform_v2(PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False)
-        self.slices = {}
-        for i, (task, photo) in enumerate(PHOTOS.items()):
-            fit = torch.stack([self.transform(im) for im in _variants(photo, 48, seed=10 + i)])
-            self.slices[task] = synthetic_task(self.diki, self.backbone.tokenizer, task, CLASSES[task], fit,
-                                               self.layout.calibration_levels, seed=i)
-        self.bank = self.bank_of(["pets", "drinks", "space"])
-        self.bank_path = self.bank.save(tmp / "bank3.safetensors")
-        self.model_dir = export(self.bank_path, tmp / "model", spec, self)
-        # test images: unseen variants of every photograph, plus unrelated ones (unfamiliar: M ~ 0)
-        self.images = {f"{photo}_{j}": im for photo in PHOTOS.values()
-                       for j, im in enumerate(_variants(photo, 2, seed=99))}
-        self.images["camera"] = Image.fromarray(skdata.camera())
-        self.images["noise"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8))
-        self.files = []
-        for name, im in self.images.items():
-            path = tmp / "images" / f"{name}.png"
-            path.parent.mkdir(exist_ok=True)
-            im.save(path)
-            self.files.append(path)
-
-    def bank_of(self, tasks: list[str]) -> TaskBank:
-        bank = TaskBank.empty(self.layout)
-        for t in tasks:
-            bank = bank.with_task(self.slices[t])
-        return bank
-
-    @torch.no_grad()
-    def reference_outputs(self, images: list[Image.Image], bank: TaskBank) -> dict[str, np.ndarray]:
-        from diki_edge.calibrated import bank_tensors
-
-        x = torch.stack([self.transform(im.convert("RGB")) for im in images])
-        out = self.reference(x, **bank_tensors(bank))
-        return {k: v.numpy() for k, v in out._asdict().items()}
-
-
-def export(bank_path: Path, out_dir: Path, spec: str, world: World) -> Path:
-    from diki_edge_export import export_model
-
-    export_model(bank_path, out_dir, model=spec, quiet=True)
-    return out_dir
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_spec) -> World:
-    return World(tmp_path_factory.mktemp("runtime"), tiny_model_spec)
+def predictor(golden) -> Predictor:
+    return Predictor(golden.model_dir, threads=2)
 
 
-@pytest.fixture(scope="module")
-def predictor(world) -> Predictor:
-    return Predictor(world.model_dir, threads=2)
-
-
-def _check_against_reference(world: World, results, images, bank: TaskBank):
-    ref = world.reference_outputs(images, bank)
+def _check_against_reference(golden, results, names: list[str], bank: str) -> dict[str, np.ndarray]:
+    """The Predictor's results for the golden images ``names`` equal the PyTorch reference under ``bank``."""
+    rows = [golden.names.index(n) for n in names]
+    ref = {k: v[rows] for k, v in golden.reference(bank).items()}
+    task_bank = golden.banks[bank]
     for i, res in enumerate(results):
         assert res.ok, res.error
         assert res.task_index == int(ref["task"][i])
-        assert res.task == bank.task_names[res.task_index]
+        assert res.task == task_bank.task_names[res.task_index]
         assert abs(res.weight - float(ref["weight"][i])) <= 1e-5
         assert np.abs(res.image_embeds - ref["image_embeds"][i]).max() <= 1e-4
-        top1 = bank.class_names[int(np.argmax(ref["logits"][i]))]
-        assert res.top_k[0][0] == top1
+        assert res.top_k[0][0] == task_bank.class_names[int(np.argmax(ref["logits"][i]))]
         np.testing.assert_allclose(res.task_scores, ref["task_scores"][i], rtol=1e-5, atol=1e-3)
     return ref
 
 
-def test_model_folder_contract(world):
+def test_model_folder_contract(golden):
     for name in ("model.onnx", "bank.safetensors", "preprocess.json", "manifest.json"):
-        assert (world.model_dir / name).is_file(), name
+        assert (golden.model_dir / name).is_file(), name
 
 
-def test_predictions_match_pytorch(world, predictor):
-    names = list(world.images)
-    results = predictor.predict([str(p) for p in world.files], top_k=3, batch_size=4)
-    assert [r.input for r in results] == [str(p) for p in world.files]
-    ref = _check_against_reference(world, results, [world.images[n] for n in names], world.bank)
+def test_predictions_match_pytorch(golden, predictor):
+    results = predictor.predict([str(p) for p in golden.files], top_k=3, batch_size=4)
+    assert [r.input for r in results] == [str(p) for p in golden.files]
+    ref = _check_against_reference(golden, results, golden.names, "three")
     # familiar images select their own task with a high M; pass 2 therefore ran for them
-    for name, res in zip(names, results):
-        photo = name.rsplit("_", 1)[0]
-        task = next((t for t, p in PHOTOS.items() if p == photo), None)
-        if task in world.bank.task_names:
-            assert res.task == task and res.weight > 0.05, (name, res.task, res.weight)
+    familiar = golden.meta["familiar_task"]
+    bank = golden.banks["three"]
+    for name, res in zip(golden.names, results):
+        if familiar.get(name) in bank.task_names:
+            assert res.task == familiar[name] and res.weight > 0.05, (name, res.task, res.weight)
     assert (ref["weight"] > 0.05).any() and (ref["weight"] < 1e-6).any()  # both graph paths exercised
+    classes = golden.meta["classes"]
     for res in results:
-        assert len(res.top_k) == min(3, len(CLASSES[res.task]))
-        assert all(c in CLASSES[res.task] for c, _ in res.top_k)
+        assert len(res.top_k) == min(3, len(classes[res.task]))
+        assert all(c in classes[res.task] for c, _ in res.top_k)
         probs = [p for _, p in res.top_k]
         assert probs == sorted(probs, reverse=True)
 
 
-def test_mixed_input_kinds_give_the_same_answers(world, predictor):
-    im = world.images["chelsea_0"]
-    path = world.files[list(world.images).index("chelsea_0")]
+def test_mixed_input_kinds_give_the_same_answers(golden, predictor):
+    im = golden.image("chelsea_0")
+    path = golden.files[golden.names.index("chelsea_0")]
     results = predictor.predict([str(path), path, im, np.asarray(im)], batch_size=3)
     first = results[0]
     for res in results[1:]:
@@ -173,8 +85,8 @@ def test_mixed_input_kinds_give_the_same_answers(world, predictor):
     assert predictor.predict(im)[0].task == first.task  # a single input works too
 
 
-def test_results_do_not_depend_on_batch_size(world, predictor):
-    files = [str(p) for p in world.files]
+def test_results_do_not_depend_on_batch_size(golden, predictor):
+    files = [str(p) for p in golden.files]
     a = predictor.predict(files, batch_size=1)
     b = predictor.predict(files, batch_size=16)
     for x, y in zip(a, b):
@@ -182,15 +94,15 @@ def test_results_do_not_depend_on_batch_size(world, predictor):
         assert np.abs(x.image_embeds - y.image_embeds).max() <= 1e-5
 
 
-def test_bad_inputs_never_lose_the_batch(world, tmp_path):
-    p = Predictor(world.model_dir, threads=1, max_pixels=2_000_000)
-    good = world.files[0]
+def test_bad_inputs_never_lose_the_batch(golden, tmp_path):
+    p = Predictor(golden.model_dir, threads=1, max_pixels=2_000_000)
+    good = golden.files[0]
     data = good.read_bytes()
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.txt").write_text("hello")
     Image.new("L", (2000, 1500)).save(tmp_path / "bomb.png")
-    src = world.images["coffee_0"]
+    src = golden.image("coffee_0")
     gray16 = (np.asarray(src.convert("L")).astype(np.uint32) * 257).astype(np.uint16)
     Image.fromarray(gray16).save(tmp_path / "gray16.png")
     src.convert("CMYK").save(tmp_path / "cmyk.jpg")
@@ -219,37 +131,42 @@ def test_bad_inputs_never_lose_the_batch(world, tmp_path):
     assert results[6].task == by_hand.task and np.abs(results[6].image_embeds - by_hand.image_embeds).max() <= 1e-5
 
 
-def test_bank_swap_more_fewer_and_other_classes(world, tmp_path):
-    p = Predictor(world.model_dir, threads=1)
-    images = [world.images[n] for n in ("chelsea_0", "astronaut_0", "rocket_1", "camera")]
+def test_bank_swap_more_fewer_and_other_classes(golden, tmp_path):
+    p = Predictor(golden.model_dir, threads=1)
+    names = ["chelsea_0", "astronaut_0", "rocket_1", "camera"]
+    images = [golden.image(n) for n in names]
     before = p.predict(images)
+    _check_against_reference(golden, before, names, "three")
     assert before[1].task != "portraits"
     # more tasks: the fourth one is recognised, on the same session
-    more = world.bank_of(["pets", "drinks", "space", "portraits"])
+    more = golden.banks["four"]
     p.load_bank(more.save(tmp_path / "more.safetensors"))
-    assert p.tasks == more.task_names
+    assert p.tasks == more.task_names == ["pets", "drinks", "space", "portraits"]
     res = p.predict(images)
-    _check_against_reference(world, res, images, more)
+    _check_against_reference(golden, res, names, "four")
     assert res[1].task == "portraits" and res[1].weight > 0.05
-    # fewer tasks
-    fewer = world.bank_of(["space"])
-    p.load_bank(fewer)
+    # fewer tasks: a task's score and M do not depend on the other tasks in the bank
+    three = golden.banks["three"]
+    space = three.task_names.index("space")
+    p.load_bank(three.select([space]))
     res = p.predict(images)
-    _check_against_reference(world, res, images, fewer)
     assert {r.task for r in res} == {"space"}
+    ref = golden.reference("three")
+    for name, r in zip(names, res):
+        row = golden.names.index(name)
+        score = ref["task_scores"][row, space]
+        np.testing.assert_allclose(r.task_scores, [score], rtol=1e-5, atol=1e-3)
+        assert abs(r.weight - float(calibration_weight(score, three.layout.embed_dim))) <= 1e-5
+        if int(ref["task"][row]) == space:  # the same task selected: the same embedding as with three tasks
+            assert np.abs(r.image_embeds - ref["image_embeds"][row]).max() <= 1e-4
     # other classes for a task of the same name
-    from diki_edge.synthetic import synthetic_task
-
-    fit = torch.stack([world.transform(im) for im in _variants("chelsea", 48, seed=10)])
-    other = synthetic_task(world.diki, world.backbone.tokenizer, "pets", ["kitten", "puppy", "hamster", "parrot"],
-                           fit, world.layout.calibration_levels, seed=7)
-    changed = world.bank.with_task(other)
+    changed = golden.banks["other-classes"]
     p.load_bank(changed.save(tmp_path / "changed.safetensors"))
     res = p.predict(images)
-    _check_against_reference(world, res, images, changed)
-    assert res[0].task == "pets" and res[0].top_k[0][0] in {"kitten", "puppy", "hamster", "parrot"}
+    _check_against_reference(golden, res, names, "other-classes")
+    assert res[0].task == "pets" and res[0].top_k[0][0] in set(golden.meta["other_pets_classes"])
     # back to the original bank: the original answers
-    p.load_bank(world.bank_path)
+    p.load_bank(golden.bank_path)
     again = p.predict(images)
     for x, y in zip(before, again):
         assert x.task == y.task and x.top_k == y.top_k
@@ -267,9 +184,9 @@ def _rewrite_metadata(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_incompatible_banks_are_refused_and_the_previous_stays(world, tmp_path):
-    p = Predictor(world.model_dir, threads=1)
-    images = [world.images["chelsea_0"], world.images["rocket_0"]]
+def test_incompatible_banks_are_refused_and_the_previous_stays(golden, tmp_path):
+    p = Predictor(golden.model_dir, threads=1)
+    images = [golden.image("chelsea_0"), golden.image("rocket_0")]
     before = p.predict(images)
 
     def other_backbone(meta, arrays):
@@ -287,24 +204,24 @@ def test_incompatible_banks_are_refused_and_the_previous_stays(world, tmp_path):
              "depth": (other_depth, "image_layers differs"),
              "format": (newer_format, "format version 99")}
     for name, (edit, message) in cases.items():
-        bad = _rewrite_metadata(world.bank_path, tmp_path / f"{name}.safetensors", edit)
+        bad = _rewrite_metadata(golden.bank_path, tmp_path / f"{name}.safetensors", edit)
         with pytest.raises(BankError, match=message):
             p.load_bank(bad)
-        assert p.bank is not None and p.tasks == world.bank.task_names
+        assert p.bank is not None and p.tasks == golden.banks["three"].task_names
     with pytest.raises(BankError, match="not found"):
         p.load_bank(tmp_path / "nope.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(BankError):
         p.load_bank(tmp_path / "junk.safetensors")
     with pytest.raises(BankError, match="no tasks"):
-        p.load_bank(TaskBank.empty(world.layout))
+        p.load_bank(TaskBank.empty(golden.banks["three"].layout))
     after = p.predict(images)
     for x, y in zip(before, after):
         assert x.task == y.task and x.top_k == y.top_k
 
 
-def test_threads_give_the_same_results_as_serial(world, predictor):
-    files = [str(p) for p in world.files]
+def test_threads_give_the_same_results_as_serial(golden, predictor):
+    files = [str(p) for p in golden.files]
     serial = predictor.predict(files, batch_size=3)
     outcomes: dict[int, list] = {}
     errors = []
@@ -330,29 +247,29 @@ def test_threads_give_the_same_results_as_serial(world, predictor):
                 assert np.abs(r.image_embeds - s.image_embeds).max() <= 1e-5
 
 
-def test_bank_swap_while_predicting(world, tmp_path):
+def test_bank_swap_while_predicting(golden, tmp_path):
     """A swap in another thread never mixes banks within one call."""
-    p = Predictor(world.model_dir, threads=1)
-    fewer = world.bank_of(["space"])
-    files = [str(f) for f in world.files]
+    p = Predictor(golden.model_dir, threads=1)
+    fewer = golden.banks["three"].select([2])
+    files = [str(f) for f in golden.files]
     seen = []
 
     def swapper():
         for _ in range(3):
             p.load_bank(fewer)
-            p.load_bank(world.bank)
+            p.load_bank(golden.banks["three"])
 
     t = threading.Thread(target=swapper)
     t.start()
     for _ in range(3):
         seen.append({(r.task, r.task_index) for r in p.predict(files, batch_size=2)})
     t.join()
-    full = {(t, i) for i, t in enumerate(world.bank.task_names)}
+    full = {(t, i) for i, t in enumerate(golden.banks["three"].task_names)}
     for pairs in seen:  # every call used one bank: all ("space", 0) or all consistent with the full bank
         assert pairs == {("space", 0)} or pairs <= full, pairs
 
 
-def test_setup_errors(world, tmp_path):
+def test_setup_errors(golden, tmp_path):
     from diki_edge_runtime.errors import RuntimeSetupError
 
     with pytest.raises(RuntimeSetupError, match="model folder not found"):
@@ -364,15 +281,15 @@ def test_setup_errors(world, tmp_path):
     import shutil
 
     broken = tmp_path / "v2-model"
-    shutil.copytree(world.model_dir, broken)
+    shutil.copytree(golden.model_dir, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["format_version"] = 2
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeSetupError, match="format version"):
         Predictor(broken)
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+    if not HAS_CUDA:
         with pytest.raises(RuntimeSetupError, match="CUDA"):
-            Predictor(world.model_dir, provider="cuda")
+            Predictor(golden.model_dir, provider="cuda")
 
 
 # ---------------------------------------------------------------------------- the command, without torch
@@ -393,16 +310,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_json_lines_without_torch(world, tmp_path):
+def test_cli_json_lines_without_torch(golden, tmp_path):
     img_dir = tmp_path / "photos"
     (img_dir / "sub").mkdir(parents=True)
     names = ["b.png", "a.png", "sub/c.png"]
-    for name, src in zip(names, world.files):
+    for name, src in zip(names, golden.files):
         (img_dir / name).write_bytes(src.read_bytes())
     (img_dir / "readme.txt").write_text("not picked up from a directory")
     (tmp_path / "bad.jpg").write_bytes(b"junk")
     res = _cli(str(img_dir), str(tmp_path / "bad.jpg"), str(tmp_path / "missing.png"), str(tmp_path / "zz*.png"),
-               "--model", str(world.model_dir), "--json", "--top-k", "2", "--batch-size", "2", "--quiet")
+               "--model", str(golden.model_dir), "--json", "--top-k", "2", "--batch-size", "2", "--quiet")
     assert res.returncode == 1, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     inputs = [d["input"] for d in lines]
@@ -418,7 +335,7 @@ def test_cli_json_lines_without_torch(world, tmp_path):
     assert [d["error"]["kind"] for d in lines if not d["ok"]] == ["not_an_image", "not_found", "not_found"]
     assert "no files match" in lines[-1]["error"]["message"]
     # the same predictions as the Python API (same batches, so the same numbers)
-    p = Predictor(world.model_dir, threads=1)
+    p = Predictor(golden.model_dir, threads=1)
     api = [r.to_json() for r in p.predict([str(img_dir / n) for n in ("a.png", "b.png")], top_k=2, batch_size=2)]
     for got, want in zip(lines[:2], api):
         assert {k: v for k, v in got.items() if k not in ("weight", "top_k")} == \
@@ -429,25 +346,25 @@ def test_cli_json_lines_without_torch(world, tmp_path):
                                    [t["probability"] for t in want["top_k"]], atol=1e-5)
 
 
-def test_cli_table_exit_codes_and_bank_option(world, tmp_path):
-    fewer = world.bank_of(["drinks"]).save(tmp_path / "drinks.safetensors")
-    res = _cli(str(world.files[0]), "--model", str(world.model_dir), "--bank", str(fewer), "--top-k", "1")
+def test_cli_table_exit_codes_and_bank_option(golden, tmp_path):
+    fewer = golden.banks["three"].select([1]).save(tmp_path / "drinks.safetensors")
+    res = _cli(str(golden.files[0]), "--model", str(golden.model_dir), "--bank", str(fewer), "--top-k", "1")
     assert res.returncode == 0, res.stderr
     assert "drinks" in res.stdout and "CPUExecutionProvider" in res.stderr
-    res = _cli(str(world.files[0]), "--model", str(tmp_path / "nowhere"))
+    res = _cli(str(golden.files[0]), "--model", str(tmp_path / "nowhere"))
     assert res.returncode == 2 and "not found" in res.stderr
-    res = _cli(str(world.files[0]), "--model", str(world.model_dir), "--provider", "cuda")
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+    res = _cli(str(golden.files[0]), "--model", str(golden.model_dir), "--provider", "cuda")
+    if not HAS_CUDA:
         assert res.returncode == 2 and "CUDA" in res.stderr
 
 
 # ---------------------------------------------------------------------------- IO binding (the CUDA code path)
-def test_io_binding_path_uploads_the_bank_once(world, predictor, tmp_path):
+def test_io_binding_path_uploads_the_bank_once(golden, predictor, tmp_path):
     """The CUDA path (bank as OrtValues bound per call) run with host OrtValues: same answers, one upload per
     bank, none per call, none for a refused bank."""
-    p = Predictor(world.model_dir, threads=1, io_binding=True)
+    p = Predictor(golden.model_dir, threads=1, io_binding=True)
     assert p.session.io_binding and p.session.bank_uploads == 1
-    files = [str(f) for f in world.files]
+    files = [str(f) for f in golden.files]
     plain = predictor.predict(files, batch_size=4)
     for _ in range(3):
         bound = p.predict(files, batch_size=4)
@@ -455,15 +372,15 @@ def test_io_binding_path_uploads_the_bank_once(world, predictor, tmp_path):
     for x, y in zip(plain, bound):
         assert x.task == y.task and x.top_k[0][0] == y.top_k[0][0]
         assert np.abs(x.image_embeds - y.image_embeds).max() <= 1e-5
-    p.load_bank(world.bank_of(["space"]))
+    p.load_bank(golden.banks["three"].select([2]))
     assert p.session.bank_uploads == 2
     with pytest.raises(BankError):
-        p.load_bank(TaskBank.empty(world.layout))
+        p.load_bank(TaskBank.empty(golden.banks["three"].layout))
     assert p.session.bank_uploads == 2 and p.tasks == ["space"]
     assert {r.task for r in p.predict(files)} == {"space"}
 
 
-def test_diki_edge_predict_entry_point_without_torch(world):
+def test_diki_edge_predict_entry_point_without_torch(golden):
     script = BLOCK_TORCH + """
 from diki_edge_runtime.cli import main
 try:
@@ -472,8 +389,8 @@ finally:
     bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")]
     assert not bad, bad
 """
-    res = subprocess.run([sys.executable, "-c", script, "predict", str(world.files[0]), "--model",
-                          str(world.model_dir), "--json", "--quiet"], cwd=REPO, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", script, "predict", str(golden.files[0]), "--model",
+                          str(golden.model_dir), "--json", "--quiet"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     (line,) = res.stdout.splitlines()
