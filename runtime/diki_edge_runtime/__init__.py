@@ -2,7 +2,7 @@
 
 Importing this package never imports torch, torchvision or open_clip; ONNX Runtime itself is imported only when
 a :class:`Predictor` (its :class:`~diki_edge_runtime.session.Session`) is created, and its absence is reported
-with the install command (``pip install 'diki-edge[cpu]'`` or ``'diki-edge[gpu]'``).
+with the install command (``pip install 'diki-edge-runtime[cpu]'`` or ``'diki-edge-runtime[gpu]'``).
 """
 
 from diki_edge_runtime.images import (

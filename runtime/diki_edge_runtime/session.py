@@ -3,9 +3,9 @@
 * ``provider="cpu"``: ``CPUExecutionProvider``; the bank arrays are fed from host memory on every call (ONNX
   Runtime reads them in place, no copy).
 * ``provider="cuda"``: ``CUDAExecutionProvider`` (from the ``onnxruntime-gpu`` package, ``pip install
-  diki-edge[gpu]``). The bank is uploaded to the device ONCE per bank (:meth:`Session.prepare_bank` builds device
-  ``OrtValue``s) and bound by IO binding on every call, so only the pixels travel per call. Swapping the bank
-  uploads the new one; calls in flight keep the bank they started with.
+  diki-edge-runtime[gpu]``). The bank is uploaded to the device ONCE per bank (:meth:`Session.prepare_bank`
+  builds device ``OrtValue``s) and bound by IO binding on every call, so only the pixels travel per call.
+  Swapping the bank uploads the new one; calls in flight keep the bank they started with.
 * Asking for CUDA where it cannot run is an error that says why (package without CUDA, CUDA/cuDNN libraries
   missing, no device) — never a silent fall-back to the CPU. :attr:`Session.providers` reports the providers the
   session actually runs with, as ONNX Runtime reports them.
@@ -26,7 +26,7 @@ import numpy as np
 from diki_edge_runtime.errors import RuntimeSetupError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-INSTALL_HINT = "pip install 'diki-edge[cpu]' (or 'diki-edge[gpu]' for CUDA)"
+INSTALL_HINT = "pip install 'diki-edge-runtime[cpu]' (or 'diki-edge-runtime[gpu]' for CUDA)"
 
 _DTYPES = {
     "float32": np.float32, "float": np.float32, "tensor(float)": np.float32,
@@ -60,7 +60,7 @@ def cuda_unavailable_reason(ort: Any | None = None) -> str | None:
     if PROVIDERS["cuda"] not in available:
         return (f"the installed onnxruntime {ort.__version__} has no CUDA execution provider (available: "
                 f"{', '.join(available)}); install the GPU build: pip uninstall onnxruntime && "
-                f"pip install 'diki-edge[gpu]'")
+                f"pip install 'diki-edge-runtime[gpu]'")
     return None
 
 

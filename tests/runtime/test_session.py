@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from diki_edge_runtime.errors import RuntimeSetupError
+from support import GOLDEN, TORCH_MODULES, block, run_blocked  # tests/support.py
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-
-from support import BLOCK_TORCH, run_blocked  # noqa: E402  (tests/support.py)
-
-
-def _identity_model(path: Path) -> Path:
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+MODEL = GOLDEN / "model" / "model.onnx"  # any real graph does; this one is committed (no onnx package needed)
 
 
 def test_import_runtime_never_imports_torch():
@@ -49,8 +34,6 @@ def test_block_hook_really_blocks():
 
 
 def test_missing_onnxruntime_says_how_to_install(tmp_path):
-    block = BLOCK_TORCH.replace('("torch", "torchvision", "open_clip")', '("torch", "torchvision", "open_clip", '
-                                                                          '"onnxruntime")')
     res = run_blocked("""
         import diki_edge_runtime  # importing works without ONNX Runtime
         from diki_edge_runtime.session import Session
@@ -59,15 +42,15 @@ def test_missing_onnxruntime_says_how_to_install(tmp_path):
             Session(sys.argv[1])
         except RuntimeSetupError as exc:
             print(exc)
-    """, str(tmp_path / "model.onnx"), block=block)
+    """, str(MODEL), block=block(*TORCH_MODULES, "onnxruntime"))
     assert res.returncode == 0, res.stderr
-    assert "diki-edge[cpu]" in res.stdout and "diki-edge[gpu]" in res.stdout
+    assert "diki-edge-runtime[cpu]" in res.stdout and "diki-edge-runtime[gpu]" in res.stdout
 
 
 def test_cpu_session_reports_providers(tmp_path):
     from diki_edge_runtime.session import Session
 
-    sess = Session(_identity_model(tmp_path / "m.onnx"), provider="cpu", threads=1)
+    sess = Session(MODEL, provider="cpu", threads=1)
     assert sess.providers == ["CPUExecutionProvider"]
     assert not sess.on_cuda
 
@@ -75,22 +58,22 @@ def test_cpu_session_reports_providers(tmp_path):
 def test_cuda_where_unavailable_is_an_error_not_a_fallback(tmp_path):
     from diki_edge_runtime.session import Session, cuda_unavailable_reason
 
-    model = _identity_model(tmp_path / "m.onnx")
+    model = MODEL
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine's onnxruntime has CUDA")
     reason = cuda_unavailable_reason()
-    assert reason and "CUDA" in reason and "diki-edge[gpu]" in reason
+    assert reason and "CUDA" in reason and "diki-edge-runtime[gpu]" in reason
     with pytest.raises(RuntimeSetupError) as exc:
         Session(model, provider="cuda")
     msg = str(exc.value)
-    assert "CUDA was requested" in msg and "diki-edge[gpu]" in msg and "CPUExecutionProvider" in msg
+    assert "CUDA was requested" in msg and "diki-edge-runtime[gpu]" in msg and "CPUExecutionProvider" in msg
 
 
 def test_cuda_provider_that_fails_to_start_is_reported(tmp_path, monkeypatch):
     """onnxruntime-gpu without working CUDA libraries silently runs on the CPU; we refuse instead."""
     from diki_edge_runtime import session as session_mod
 
-    model = _identity_model(tmp_path / "m.onnx")
+    model = MODEL
     real = ort.InferenceSession
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession",
@@ -104,7 +87,7 @@ def test_cuda_provider_that_fails_to_start_is_reported(tmp_path, monkeypatch):
 def test_bad_provider_threads_and_paths(tmp_path):
     from diki_edge_runtime.session import Session
 
-    model = _identity_model(tmp_path / "m.onnx")
+    model = MODEL
     with pytest.raises(RuntimeSetupError, match="unknown provider"):
         Session(model, provider="tpu")
     with pytest.raises(RuntimeSetupError, match="threads"):
@@ -119,6 +102,7 @@ def test_bad_provider_threads_and_paths(tmp_path):
 def test_bank_handles_on_cpu_stay_on_the_host(tmp_path):
     from diki_edge_runtime.session import Session
 
-    sess = Session(_identity_model(tmp_path / "m.onnx"))
-    handle = sess.prepare_bank({"a": np.arange(3, dtype=np.float32)})
+    sess = Session(MODEL)
+    handle = sess.prepare_bank({"a": np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2]})
     assert not handle.on_device and handle.host["a"].flags.c_contiguous
+    assert handle.host["a"].tolist() == [[0.0, 2.0], [3.0, 5.0]]
