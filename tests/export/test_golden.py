@@ -1,0 +1,107 @@
+"""The committed golden model folder (tests/runtime/golden, which the runtime's tests run on) is what today's
+exporter and training core make: regenerated here in a temporary folder by scripts/make_golden_model.py and
+compared file by file, so it cannot drift. When this fails after an intended change to the exporter or the
+graph contract, regenerate it (``python scripts/make_golden_model.py`` after removing the folder) and commit it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from diki_edge_export.validate import score_rel_error
+from diki_edge_runtime.bank import GRAPH_ARRAYS
+from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+from support import GOLDEN, golden_script  # tests/support.py
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    return golden_script().make_golden(tmp_path_factory.mktemp("golden") / "golden")
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _outputs(root) -> dict[str, np.ndarray]:
+    with np.load(root / "golden.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _session(root):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(root / "model" / "model.onnx"), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def assert_close_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+    """The export validation's fp32 bounds (diki_edge_export.validate)."""
+    assert np.abs(got["image_embeds"] - want["image_embeds"]).max() <= 1e-4, what
+    assert score_rel_error(got["task_scores"], want["task_scores"]).max() <= 1e-5, what
+    assert np.abs(got["weight"] - want["weight"]).max() <= 1e-5, what
+    np.testing.assert_array_equal(got["task"], want["task"], err_msg=what)
+    np.testing.assert_array_equal(got["logits"].argmax(1), want["logits"].argmax(1), err_msg=what)
+    np.testing.assert_array_equal(np.isinf(got["logits"]), np.isinf(want["logits"]), err_msg=what)
+
+
+def test_same_files_and_description(fresh):
+    assert _files(fresh) == _files(GOLDEN)
+    assert json.loads((fresh / "golden.json").read_text()) == json.loads((GOLDEN / "golden.json").read_text())
+    assert (fresh / "model" / "preprocess.json").read_text() == (GOLDEN / "model" / "preprocess.json").read_text()
+    for rel in json.loads((GOLDEN / "golden.json").read_text())["images"]:
+        with Image.open(fresh / rel) as a, Image.open(GOLDEN / rel) as b:
+            assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b)), rel
+
+
+def test_same_manifest_keys_graph_contract_and_backbone(fresh):
+    new = json.loads((fresh / "model" / "manifest.json").read_text())
+    old = json.loads((GOLDEN / "model" / "manifest.json").read_text())
+    assert sorted(new) == sorted(old)
+    for key in ("format_version", "inputs", "outputs", "files", "bank", "opset", "exporter", "precision",
+                "skip_below", "validated_providers"):
+        assert new[key] == old[key], key
+    assert new["backbone"]["weights_sha256"] == old["backbone"]["weights_sha256"]  # same seeded tiny backbone
+    layout = {k: v for k, v in new["bank_layout"].items() if k != "backbone"}
+    assert layout == {k: v for k, v in old["bank_layout"].items() if k != "backbone"}
+    assert sorted(new["validation"]) == sorted(old["validation"])
+
+
+def test_same_graph_interface(fresh):
+    new, old = _session(fresh), _session(GOLDEN)
+    for a, b in ((new.get_inputs(), old.get_inputs()), (new.get_outputs(), old.get_outputs())):
+        assert [(t.name, t.type, t.shape) for t in a] == [(t.name, t.type, t.shape) for t in b]
+    assert [t.name for t in old.get_inputs()] == list(INPUT_NAMES)
+    assert [t.name for t in old.get_outputs()] == list(OUTPUT_NAMES)
+
+
+def test_same_banks(fresh):
+    new, old = golden_script().golden_banks(fresh), golden_script().golden_banks(GOLDEN)
+    assert sorted(new) == sorted(old)
+    for name in old:
+        assert [t.to_json() for t in new[name].tasks] == [t.to_json() for t in old[name].tasks], name
+        for key in GRAPH_ARRAYS:  # what the graph consumes; whiten is compared through the outputs below
+            if key != "gauss_whiten":
+                np.testing.assert_allclose(new[name].arrays[key], old[name].arrays[key], rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{name}: {key}")
+
+
+def test_regenerated_graph_and_reference_reproduce_the_committed_outputs(fresh):
+    """The new graph, fed the committed pixels and banks, and the new PyTorch reference both give the committed
+    golden outputs within the export validation's bounds."""
+    committed, regenerated = _outputs(GOLDEN), _outputs(fresh)
+    assert sorted(regenerated) == sorted(committed)
+    np.testing.assert_allclose(regenerated["pixel_values"], committed["pixel_values"], atol=1e-6)
+    session = _session(fresh)
+    for name, bank in golden_script().golden_banks(GOLDEN).items():
+        want = {k: committed[f"{name}.{k}"] for k in OUTPUT_NAMES}
+        feeds = {"pixel_values": committed["pixel_values"], **bank.graph_inputs()}
+        got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds)))
+        assert_close_outputs(got, want, f"regenerated graph, bank {name}")
+        assert_close_outputs({k: regenerated[f"{name}.{k}"] for k in OUTPUT_NAMES}, want,
+                             f"regenerated reference, bank {name}")
