@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env demo test bench bench-quick clean system-data
+.PHONY: env demo test test-runtime bench bench-quick clean system-data
 
 env: $(VENV)/.installed
 
@@ -24,6 +24,23 @@ demo: env
 test: env system-data
 	$(BIN)/python -m pytest -q
 
+# The runtime where it ships: its wheel alone (plus ONNX Runtime and pytest) in a fresh venv without torch, running
+# tests/runtime from the repository root against the installed wheel (`pytest`, not `python -m pytest`, and `-I`
+# keep the repository root off sys.path, so neither the source tree nor diki_edge/ can stand in for an install).
+RUNTIME_VENV ?= .venv-runtime
+test-runtime:
+	rm -rf $(RUNTIME_VENV) dist/diki_edge_runtime-*.whl
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install --quiet --upgrade pip
+	$(RUNTIME_VENV)/bin/pip wheel --quiet --no-deps runtime/ -w dist/
+	$(RUNTIME_VENV)/bin/pip install --quiet "$$(ls dist/diki_edge_runtime-*.whl)[cpu,test]"
+	@ls -l dist/diki_edge_runtime-*.whl
+	$(RUNTIME_VENV)/bin/python -I -c "import importlib.util as u, diki_edge_runtime as r; \
+	  assert 'site-packages' in r.__file__, r.__file__; \
+	  extra = [m for m in ('torch', 'open_clip', 'onnx', 'diki_edge', 'diki_edge_export') if u.find_spec(m)]; \
+	  assert not extra, f'{extra} importable in the runtime-only venv'"
+	$(RUNTIME_VENV)/bin/pytest -q -p no:cacheprovider tests/runtime
+
 # Debian's Fashion-MNIST and Noto emoji (read by the dataset tests); installed when missing and apt is usable.
 system-data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
@@ -38,4 +55,4 @@ bench-quick: env
 	$(BIN)/python -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(RUNTIME_VENV) demo-out dist

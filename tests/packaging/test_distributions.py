@@ -31,8 +31,8 @@ ALTERNATIVES = {"onnxruntime": {"onnxruntime", "onnxruntime-gpu"}}
 NOT_IMPORTED = {
     "torchvision": "open_clip's image transforms import it; pinned beside torch by the Makefile",
     "onnxscript": "torch.onnx's dynamo exporter (export_model(dynamo=True)) imports it",
-    "pytest": "test runner (dev extra)",
-    "pytest-timeout": "test runner plugin (dev extra)",
+    "pytest": "the test runner (the runtime's test extra)",
+    "pytest-timeout": "the test runner's plugin (the runtime's test extra)",
 }
 
 
