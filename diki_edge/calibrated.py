@@ -1,4 +1,5 @@
-"""Calibrated DIKI inference in PyTorch: the reference implementation of the exported graph (DESIGN 2.1).
+"""Calibrated DIKI inference in PyTorch: the reference implementation of the exported graph
+(its inputs and outputs: runtime/diki_edge_runtime/contract.py).
 
 :class:`CalibratedDiki` takes exactly the graph's inputs and returns exactly its outputs:
 
@@ -7,7 +8,7 @@
 3. per sample: task ``s = argmax S``, weight ``M = sigmoid(S_s / D - 1)``;
 4. pass 2: image encoder with each sample's own ``K_r/V_r`` (gathered by ``s``) weighted by its own ``M``;
    samples with ``M`` below ``skip_below`` keep ``f0`` (the branch would add ~nothing);
-5. class scores against the cached text table interpolated at each sample's ``M`` (DESIGN 2.2); classes of
+5. class scores against the cached text table interpolated at each sample's ``M`` (:func:`class_text_table`); classes of
    other tasks than ``s`` are masked to ``-inf``.
 
 ``batch_vote=True`` reproduces the reference's behaviour instead: one task per batch by majority vote and the

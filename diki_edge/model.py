@@ -89,7 +89,8 @@ class ResidualKVAttention(nn.Module):
         b_q, b_k, b_v = (self.frozen.in_proj_bias.chunk(3) if self.frozen.in_proj_bias is not None
                          else (None, None, None))
         q = F.linear(x, w_q, b_q).reshape(b, n, h, dh).transpose(1, 2)  # [B, H, N, dh]
-        # Every dimension named (no -1): ONNX Runtime cannot infer -1 for a zero-row batch (DESIGN 2.1).
+        # Every dimension named (no -1): ONNX Runtime cannot infer -1 for a zero-row batch
+        # (export/diki_edge_export/graph.py).
         k = F.linear(kx, w_k, b_k).reshape(b, kx.shape[1], h, dh).transpose(1, 2)
         v = F.linear(vx, w_v, b_v).reshape(b, vx.shape[1], h, dh).transpose(1, 2)
         scale = 1.0 / math.sqrt(dh)

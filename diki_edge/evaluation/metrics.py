@@ -1,4 +1,4 @@
-"""MTIL metrics of an accuracy matrix (DESIGN.md section 1), numpy only.
+"""MTIL metrics of an accuracy matrix, numpy only.
 
 ``A[t, j]`` is the accuracy on task ``j`` after training task ``t`` (tasks in training order, ``T x T``):
 

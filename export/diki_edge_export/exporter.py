@@ -1,4 +1,5 @@
-"""``export_model``: bank + backbone -> a validated, self-contained model folder (DESIGN 2.1, issue 3).
+"""``export_model``: bank + backbone -> a validated, self-contained model folder (what
+diki_edge_runtime/predictor.py reads).
 
 Folder layout (written into a temporary sibling folder, renamed into place only after validation passed)::
 
@@ -13,8 +14,8 @@ Decisions (also in the README's architecture section):
 * **Exporter**: the TorchScript-based exporter (``dynamo=False``) is the default. The graph needs a
   data-dependent sub-batch (``nonzero`` -> ``index_select`` -> encoder -> ``index_put``) with dynamic ``B``,
   ``T``, ``C``; the tracing exporter turns that into plain ONNX ops that were measured to match PyTorch to ~1e-7
-  (DESIGN 2.1) and exports ViT-B in seconds. ``dynamo=True`` (torch.export) is accepted and validated the same
-  way, but has to reason about unbacked sizes through open_clip and is slower to export.
+  (``diki_edge_export.validate``) and exports ViT-B in seconds. ``dynamo=True`` (torch.export) is accepted and
+  validated the same way, but has to reason about unbacked sizes through open_clip and is slower to export.
 * **Zero-row sub-batches** (a batch where every image is unfamiliar) are handled by making every reshape in
   the image tower batch-leading with no ``-1`` (:mod:`diki_edge_export.graph`), so no ``If`` is needed.
 * **Skip threshold**: ``skip_below = 1e-6`` (``CalibratedDiki``'s default). The branch enters each adapted

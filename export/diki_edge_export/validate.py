@@ -11,7 +11,7 @@ zero-row pass-2 path), and a *probe* bank — the same adapters and class table,
 groups of the real images (ridge ``PROBE_RIDGE``) — so that images are familiar, pass 2 runs with every task's
 ``K_r/V_r`` and ``M`` is away from 0 and 1. A mixed batch (familiar + random) and a single image complete it.
 
-fp32 bounds (DESIGN / issue 3): image embeddings max abs diff <= 1e-4, task scores within a relative 1e-5
+fp32 bounds (the README's export decisions): image embeddings max abs diff <= 1e-4, task scores within a relative 1e-5
 (of each image's score scale, see :func:`score_rel_error`), ``M`` within 1e-5, identical tasks and top-1 classes. Reduced-precision variants
 are compared with the fp32 reference by embedding cosine and top-1 / task agreement.
 """

@@ -3,7 +3,7 @@
 A bank is what training produces and what the exported graph and the runtime consume. DIKI tasks are
 independent (each has its own slice, nothing is shared), so banks trained separately merge without retraining.
 
-Arrays (names are those of the graph inputs where the graph consumes them, DESIGN 2.1):
+Arrays (names are those of the graph inputs where the graph consumes them, :mod:`diki_edge_runtime.contract`):
 
 ==================  =========================  =====================================================
 name                shape / dtype              meaning
@@ -18,7 +18,7 @@ name                shape / dtype              meaning
 ``stats_count``     [T] i64                    sufficient statistics, float64, so tasks can be
 ``stats_sum``       [T, D] f64                 re-finalised (other ridge) or merged with more data
 ``stats_outer``     [T, D, D] f64
-``class_embeds``    [G, C, D] f32              class text embeddings at G calibration levels (DESIGN 2.2)
+``class_embeds``    [G, C, D] f32              class text embeddings at G levels of M (diki_edge/calibrated.py)
 ``class_task``      [C] i64                    task index of each class
 ==================  =========================  =====================================================
 
@@ -307,7 +307,8 @@ class TaskBank:
                          stats, a["class_embeds"][:, cols])
 
     def graph_inputs(self) -> dict[str, np.ndarray]:
-        """The bank arrays exactly as the exported graph takes them (DESIGN 2.1)."""
+        """The bank arrays exactly as the exported graph takes them (``contract.GRAPH_INPUTS`` after
+        ``pixel_values``)."""
         return {k: np.ascontiguousarray(self.arrays[k]) for k in GRAPH_ARRAYS}
 
     def nbytes(self) -> int:

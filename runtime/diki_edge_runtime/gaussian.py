@@ -3,7 +3,7 @@
 DIKI scores an image against task i by the full log-density ``S_i = log N(f; mu_i, Sigma_i)``. Here the
 statistics are accumulated as (count, sum, sum of outer products) in float64 so they stream over data sets
 larger than memory and merge exactly across shards or processes; ``finalize`` turns them into the three arrays
-the ONNX graph consumes (DESIGN 2.1): ``gauss_mean``, ``gauss_whiten`` (``W Sigma W^T = I``) and
+the ONNX graph consumes (:mod:`diki_edge_runtime.contract`): ``gauss_mean``, ``gauss_whiten`` (``W Sigma W^T = I``) and
 ``gauss_const`` (``-0.5 (D log 2pi + log|Sigma|)``). All linear algebra happens here, offline, in float64.
 
 numpy only: the runtime and the bank tools use it without torch.

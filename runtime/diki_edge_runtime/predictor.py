@@ -9,7 +9,7 @@
 
 The model folder (written by ``diki_edge_export.export_model``)::
 
-    model.onnx          the single graph (bank arrays are graph inputs, DESIGN 2.1)
+    model.onnx          the single graph (bank arrays are graph inputs: diki_edge_runtime/contract.py)
     bank.safetensors    the default bank (a TaskBank file)
     preprocess.json     the backbone's image transform (see diki_edge_runtime.preprocess)
     manifest.json       {"format_version": 1, "inputs": {name: {"shape", "dtype"}}, "outputs": {...},

@@ -38,7 +38,7 @@ def test_hand_computed_4x4_fractions():
 
 def test_zero_shot_clip_on_mtil_reproduces_published_metrics():
     """A model that never changes has constant columns; zero-shot CLIP ViT-B/16 on MTIL (DIKI / ZSCL papers):
-    per-task accuracies in MTIL order give Transfer 69.4, Avg 65.3, Last 65.3 (DESIGN.md 1)."""
+    per-task accuracies in MTIL order give Transfer 69.4, Avg 65.3, Last 65.3 (diki_edge/evaluation/metrics.py)."""
     zs = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]
     a = np.tile(zs, (len(zs), 1))
     m = mtil_metrics(a)

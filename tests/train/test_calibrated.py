@@ -100,9 +100,9 @@ def test_unfamiliar_images_skip_the_residual_and_equal_the_frozen_model(three_ta
 
 
 def test_cached_text_table_matches_the_exact_text_path(three_tasks, tiny_backbone):
-    """DESIGN 2.2: G = 9 levels, linear interpolation; measured on this tiny random model: worst cosine error
-    ~1e-4, top-1 agreement 100 %. The bound asserted: cosine >= 0.999 per class embedding and top-1 agreement
-    >= 99.9 % over random image embeddings."""
+    """The cached text table (diki_edge/calibrated.py): G = 9 levels, linear interpolation; measured on this tiny
+    random model: worst cosine error ~1e-4, top-1 agreement 100 %. The bound asserted: cosine >= 0.999 per class
+    embedding and top-1 agreement >= 99.9 % over random image embeddings."""
     diki, bank = three_tasks
     levels = calibration_levels(9)
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""The residual branch is the reference's (DESIGN 1), is an exact identity when it should be, and freezes the backbone."""
+"""The residual branch (diki_edge/model.py) is the reference's, is an exact identity when it should be, and
+freezes the backbone."""
 
 from __future__ import annotations
 
