@@ -1,5 +1,6 @@
 """The three distributions' metadata against their code: every import is declared, nothing declared is unused
-(or it says why), the runtime never reaches for torch/open_clip/onnx or the other two, package data exists.
+(or it says why), the runtime never reaches for torch/open_clip/onnx or the other two, package data exists, and
+smoke-benchmark results stay out of git.
 
 Imports are read with ``ast`` from the source tree (every ``import`` statement, including those inside functions);
 import names map to distributions through the installed environment (``importlib.metadata``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -134,3 +136,12 @@ def test_package_data_lists_only_files_that_exist(dist):
         folder = pyproject.parent / Path(*package.split("."))
         for pattern in patterns:
             assert [p for p in folder.glob(pattern) if p.is_file()], f"{pyproject}: {package}: {pattern!r} matches nothing"
+
+
+def test_smoke_benchmark_results_are_ignored_by_git():
+    """``python -m benchmarks --quick`` / ``--tiny`` write to benchmarks/results/quick|tiny; they must not show up
+    as untracked files (the full run's results in benchmarks/results/ are committed)."""
+    for rel in ("benchmarks/results/quick/summary.json", "benchmarks/results/tiny/latency.json"):
+        res = subprocess.run(["git", "check-ignore", "-q", rel], cwd=REPO)
+        assert res.returncode == 0, f"{rel} is not ignored by git"
+    assert subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/summary.json"], cwd=REPO).returncode == 1
