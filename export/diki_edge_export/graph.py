@@ -102,7 +102,7 @@ def mha_fastpath_disabled() -> Iterator[None]:
 
 
 class ExportGraph(nn.Module):
-    """The graph contract of DESIGN 2.1 as a traceable module (inputs/outputs: :mod:`diki_edge_runtime.contract`).
+    """The graph contract (inputs/outputs: :mod:`diki_edge_runtime.contract`) as a traceable module.
 
     ``encoder_dtype=torch.float16`` runs both encoder passes in half precision (a half copy of the backbone);
     inputs, the Gaussian scoring (whose log-densities overflow float16), selection and the class table stay

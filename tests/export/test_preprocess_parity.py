@@ -17,10 +17,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from diki_edge_runtime.images import load_rgb
-from diki_edge_runtime.preprocess import Preprocess
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
+MEAN, STD = list(CLIP_MEAN), list(CLIP_STD)
 
 CONFIGS = [
     {"size": 224, "interpolation": "bicubic", "resize_mode": "shortest"},

@@ -14,10 +14,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from diki_edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
-from diki_edge_runtime.preprocess import Preprocess
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
+MEAN, STD = list(CLIP_MEAN), list(CLIP_STD)
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
