@@ -113,7 +113,8 @@ def make_golden(out: str | Path, quiet: bool = True) -> Path:
 
         def fitted(task: str, classes: list[str], seed: int):
             photo = PHOTOS[task]
-            fit = torch.stack([transform(im) for im in _variants(photo, FIT_IMAGES, seed=10 + list(PHOTOS).index(task))])
+            crops = _variants(photo, FIT_IMAGES, seed=10 + list(PHOTOS).index(task))
+            fit = torch.stack([transform(im) for im in crops])
             return synthetic_task(diki, backbone.tokenizer, task, classes, fit, layout.calibration_levels, seed=seed)
 
         slices = {task: fitted(task, CLASSES[task], seed=i) for i, task in enumerate(PHOTOS)}
@@ -140,7 +141,8 @@ def make_golden(out: str | Path, quiet: bool = True) -> Path:
     np.savez_compressed(out / "golden.npz", **golden)
     familiar = {name: next(t for t, p in PHOTOS.items() if p == name.rsplit("_", 1)[0])
                 for name in images if name.rsplit("_", 1)[0] in PHOTOS.values()}
-    meta = {"images": [f"images/{n}.png" for n in images], "banks": sorted(banks), "familiar_task": familiar, "classes": CLASSES, "other_pets_classes": OTHER_PETS_CLASSES,
+    meta = {"images": [f"images/{n}.png" for n in images], "banks": sorted(banks), "familiar_task": familiar,
+            "classes": CLASSES, "other_pets_classes": OTHER_PETS_CLASSES,
             "regenerate": "python scripts/make_golden_model.py"}
     (out / "golden.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

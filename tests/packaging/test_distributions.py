@@ -135,7 +135,8 @@ def test_package_data_lists_only_files_that_exist(dist):
     for package, patterns in setuptools.get("package-data", {}).items():
         folder = pyproject.parent / Path(*package.split("."))
         for pattern in patterns:
-            assert [p for p in folder.glob(pattern) if p.is_file()], f"{pyproject}: {package}: {pattern!r} matches nothing"
+            matches = [p for p in folder.glob(pattern) if p.is_file()]
+            assert matches, f"{pyproject}: {package}: {pattern!r} matches nothing"
 
 
 def test_smoke_benchmark_results_are_ignored_by_git():
