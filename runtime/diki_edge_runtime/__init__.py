@@ -13,7 +13,7 @@ from diki_edge_runtime.images import (
 )
 from diki_edge_runtime.predictor import Prediction, Predictor
 from diki_edge_runtime.preprocess import Preprocess
-from diki_edge_runtime.session import Session, cuda_unavailable_reason
+from diki_edge_runtime.session import Session, provider_unavailable_reason
 
-__all__ = ["Predictor", "Prediction", "Preprocess", "Session", "ImageError", "load_rgb", "cuda_unavailable_reason",
-           "DEFAULT_MAX_PIXELS", "ERROR_KINDS"]
+__all__ = ["Predictor", "Prediction", "Preprocess", "Session", "ImageError", "load_rgb",
+           "provider_unavailable_reason", "DEFAULT_MAX_PIXELS", "ERROR_KINDS"]

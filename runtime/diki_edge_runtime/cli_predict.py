@@ -27,8 +27,13 @@ per line on stdout, in input order, written as each batch finishes. The schema (
 bars) go to stderr, never to stdout.
 
 Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are still predicted and printed);
-2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider unavailable,
-ONNX Runtime not installed).
+2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider not in the installed
+ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed).
+
+Providers: ``--provider`` takes a name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``rocm``,
+``migraphx``, ``dml``, or an ONNX Runtime id) or a fall-back chain written out (``tensorrt,cuda,cpu``); options
+come from ``--provider-options FILE.json`` (``{"tensorrt": {"trt_fp16_enable": true}}``) and
+``--provider-option NAME:KEY=VALUE`` (repeatable, applied after the file). Rules: diki_edge_runtime/providers.py.
 """
 
 from __future__ import annotations
@@ -117,30 +122,51 @@ def predict_command(
                                                 show_default=False)],
     model: Annotated[Path, typer.Option("--model", "-m", help="Exported model folder (diki-edge export).")],
     bank: Annotated[Optional[Path], typer.Option(help="Use this bank instead of the model folder's own.")] = None,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime execution provider: cpu or cuda.")] = "cpu",
+    provider: Annotated[str, typer.Option(
+        help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, coreml, rocm, migraphx, dml (or an "
+             "ONNX Runtime id); a comma-separated chain (tensorrt,cuda,cpu) falls back only as written.")] = "cpu",
+    provider_option: Annotated[Optional[list[str]], typer.Option(
+        "--provider-option", help="NAME:KEY=VALUE (KEY=VALUE for a single provider), e.g. "
+                                  "tensorrt:trt_fp16_enable=true; repeatable.", show_default=False)] = None,
+    provider_options: Annotated[Optional[Path], typer.Option(
+        "--provider-options", help='JSON file {"tensorrt": {"trt_engine_cache_enable": true}, ...}.',
+        show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 8,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image per line (schema in the docs).")]
     = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime intra-op threads.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Decode threads overlapped with inference (default: one per core, at most 8; 0: none).",
+        show_default=False)] = None,
+    fast_decode: Annotated[bool, typer.Option(
+        "--fast-decode", help="Decode JPEGs at a reduced DCT scale before the exact resize: faster on large "
+                              "photos, slightly different results (see the README).")] = False,
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="ONNX Runtime memory arena and memory patterns off: lower peak memory, a little "
+                             "slower.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
 ) -> None:
     """Predict task, familiarity M and top-k classes for images, without PyTorch."""
     code = run_predict(inputs, model, bank=bank, provider=provider, top_k=top_k, batch_size=batch_size,
-                       json_=json_, threads=threads, quiet=quiet)
+                       json_=json_, threads=threads, quiet=quiet, provider_option=provider_option or [],
+                       provider_options=provider_options, workers=workers, fast_decode=fast_decode,
+                       low_memory=low_memory)
     if code:
         raise typer.Exit(code)
 
 
 def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, provider: str = "cpu",
                 top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
-                quiet: bool = False) -> int:
+                quiet: bool = False, provider_option: Iterable[str] = (), provider_options: Optional[Path] = None,
+                workers: Optional[int] = None, fast_decode: bool = False, low_memory: bool = False) -> int:
     """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
     from PIL import Image
     from rich.console import Console
 
     from diki_edge_runtime.errors import DikiEdgeError
     from diki_edge_runtime.predictor import Prediction, Predictor
+    from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
 
     # the pixel limit is enforced per image (a clear per-image error); Pillow's own warning would only be noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -152,10 +178,16 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     if top_k < 1 or batch_size < 1 or (threads is not None and threads < 1):
         err.print("[red]error:[/red] --top-k, --batch-size and --threads must be >= 1")
         return EXIT_USAGE
+    if workers is not None and workers < 0:
+        err.print("[red]error:[/red] --workers must be >= 0")
+        return EXIT_USAGE
     entries = expand_inputs(inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
     try:
-        predictor = Predictor(model, provider=provider, threads=threads, bank=bank)
+        options = merge_options(load_options_file(provider_options) if provider_options else None,
+                                parse_option_args(provider_option, provider.split(",")))
+        predictor = Predictor(model, provider=provider, threads=threads, bank=bank, provider_options=options,
+                              workers=workers, fast_decode=fast_decode, low_memory=low_memory)
     except DikiEdgeError as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_USAGE
@@ -163,6 +195,8 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         info = predictor.info()
         err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
                   f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
+        for note in info["provider_notes"]:
+            err.print(f"note: {note}", markup=False)
 
     results: list[Prediction] = []
     n_failed = 0

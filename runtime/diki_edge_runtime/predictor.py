@@ -5,6 +5,7 @@
     from diki_edge_runtime import Predictor
     p = Predictor("model/", provider="cpu", threads=2)
     results = p.predict(["a.jpg", pil_image, numpy_hwc_uint8])   # one Prediction per input, in order
+    Predictor("model/", provider="tensorrt,cuda,cpu", provider_options={"tensorrt": {"trt_fp16_enable": True}})
     p.load_bank("bank_v2.safetensors")                           # new tasks, same graph, no re-export
 
 The model folder (written by ``diki_edge_export.export_model``)::
@@ -21,12 +22,16 @@ number of tasks and classes runs on the same graph. A refused bank leaves the pr
 
 Thread safety: the bank in use is one immutable snapshot replaced atomically by :meth:`Predictor.load_bank`;
 every :meth:`Predictor.predict` call works on the snapshot current when it starts.
+
+Throughput: inputs are decoded and preprocessed by ``workers`` threads while the graph runs the previous batch in
+the calling thread (diki_edge_runtime/pipeline.py); at most ``batch_size + 2 * workers`` inputs are in flight.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -52,7 +57,9 @@ from diki_edge_runtime.images import (
     describe_input,
     load_rgb,
 )
+from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_map
 from diki_edge_runtime.preprocess import Preprocess
+from diki_edge_runtime.providers import short_name
 from diki_edge_runtime.session import BankHandle, Session, numpy_dtype
 
 
@@ -105,18 +112,33 @@ class _BankState:
 class Predictor:
     """Calibrated inference through ONNX Runtime (see the module docstring)."""
 
-    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-                 bank: str | os.PathLike | TaskBank | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 device_id: int = 0, io_binding: bool | None = None):
+    def __init__(self, model_dir: str | os.PathLike, provider: str | Sequence[str] = "cpu",
+                 threads: int | None = None, bank: str | os.PathLike | TaskBank | None = None, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, device_id: int = 0, io_binding: bool | None = None,
+                 provider_options: dict[str, dict[str, Any]] | None = None, low_memory: bool = False,
+                 workers: int | None = None, fast_decode: bool = False):
         """Open an exported model folder.
 
-        ``provider``: ``"cpu"`` or ``"cuda"`` (an error, never a fall-back, where CUDA cannot run);
+        ``provider``: an execution provider name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``,
+        ``rocm``, ``migraphx``, ``dml`` or an ONNX Runtime id) or a fall-back chain written out
+        (``"tensorrt,cuda,cpu"``); one that cannot run is an error, never a silent CPU run
+        (diki_edge_runtime/providers.py); ``provider_options``: ``{provider: {option: value}}``;
         ``threads``: ONNX Runtime intra-op threads (default: ONNX Runtime's choice); ``bank``: a bank file or
         :class:`TaskBank` to use instead of the folder's ``bank.safetensors``; ``max_pixels``: inputs with more
-        pixels are refused (decompression bombs), ``None`` for no limit; ``device_id``: the CUDA device;
-        ``io_binding``: keep the bank in ``OrtValue``s bound per call (default: on CUDA only).
+        pixels are refused (decompression bombs), ``None`` for no limit; ``device_id``: the GPU;
+        ``io_binding``: keep the bank in ``OrtValue``s bound per call (default: on CUDA / TensorRT only);
+        ``low_memory``: ONNX Runtime's memory arena and memory patterns off (lower peak RSS, a little slower);
+        ``workers``: decode threads overlapped with inference (default: one per core, at most 8; 0 decodes in the
+        calling thread); ``fast_decode``: decode JPEG files at a reduced DCT scale before the exact resize (faster,
+        slightly different pixels: see README.md).
         Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
         """
+        try:
+            self.workers = default_workers() if workers is None else check_workers(workers)
+        except ValueError as exc:
+            raise RuntimeSetupError(str(exc)) from None
+        self.fast_decode = bool(fast_decode)
+        self._draft = None  # set below once the preprocessing config is read
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise RuntimeSetupError(f"{self.model_dir}: model folder not found")
@@ -127,9 +149,10 @@ class Predictor:
             raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: malformed bank_layout ({exc!r})") from None
         self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in INPUT_NAMES}
         self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
+        self._draft = self.preprocess.draft_size if self.fast_decode else None
         self.max_pixels = max_pixels
         self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
-                               io_binding=io_binding)
+                               io_binding=io_binding, provider_options=provider_options, low_memory=low_memory)
         absent = [n for n in INPUT_NAMES if n not in self.session.input_types]
         absent += [n for n in OUTPUT_NAMES if n not in self.session.output_names]
         if absent:
@@ -170,6 +193,11 @@ class Predictor:
         return {
             "model_dir": str(self.model_dir),
             "providers": self.providers,
+            "requested_providers": [short_name(i) for i in self.session.plan.requested],
+            "provider_notes": list(self.session.provider_notes),
+            "memory": self.session.memory_settings,
+            "workers": self.workers,
+            "fast_decode": self.fast_decode,
             "backbone": self.manifest.backbone,
             "precision": self.manifest.precision,
             "image_size": list(self.preprocess.size),
@@ -212,7 +240,8 @@ class Predictor:
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) and not (
                 isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
-        return np.stack([self.preprocess(load_rgb(im, self.max_pixels, i)) for i, im in enumerate(images)])
+        return np.stack([self.preprocess(load_rgb(im, self.max_pixels, i, self._draft))
+                         for i, im in enumerate(images)])
 
     def feeds(self, pixel_values: np.ndarray, bank_arrays: dict[str, np.ndarray] | None = None
               ) -> dict[str, np.ndarray]:
@@ -253,7 +282,8 @@ class Predictor:
 
     def iter_predict(self, inputs: ImageInput | Sequence[ImageInput] | Iterable[ImageInput], top_k: int = 5,
                      batch_size: int = 8, on_progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """Like :meth:`predict`, yielding results batch by batch (memory stays bounded by ``batch_size``)."""
+        """Like :meth:`predict`, yielding results batch by batch. Inputs are read lazily: memory stays bounded by
+        ``batch_size + 2 * workers`` decoded images, whatever the number of inputs."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if batch_size < 1:
@@ -262,37 +292,40 @@ class Predictor:
             inputs = [inputs]
         state = self._state  # one bank for the whole call, even if another thread swaps it meanwhile
         assert state is not None
-        chunk: list[tuple[int, ImageInput]] = []
-        for index, item in enumerate(inputs):
-            chunk.append((index, item))
-            if len(chunk) == batch_size:
-                yield from self._predict_chunk(chunk, state, top_k)
-                if on_progress:
-                    on_progress(len(chunk))
-                chunk = []
+        decoded = ordered_map(self._decode, enumerate(inputs), self.workers, ahead=batch_size + 2 * self.workers)
+        chunk: list[tuple[Prediction, np.ndarray | None]] = []
+        with closing(decoded):  # stopping early stops the decode threads too
+            for pair in decoded:
+                chunk.append(pair)
+                if len(chunk) == batch_size:
+                    yield from self._predict_chunk(chunk, state, top_k)
+                    if on_progress:
+                        on_progress(len(chunk))
+                    chunk = []
         if chunk:
             yield from self._predict_chunk(chunk, state, top_k)
             if on_progress:
                 on_progress(len(chunk))
 
-    def _predict_chunk(self, chunk: list[tuple[int, ImageInput]], state: _BankState,
+    def _decode(self, indexed: tuple[int, ImageInput]) -> tuple[Prediction, np.ndarray | None]:
+        """One input -> its (still empty) result and its pixels, or the result with its error and no pixels.
+        Runs in a decode thread."""
+        index, item = indexed
+        res = Prediction(describe_input(item, index), index)
+        try:
+            return res, self.preprocess(load_rgb(item, self.max_pixels, index, self._draft))
+        except ImageError as exc:
+            res.error, res.error_kind = exc.message, exc.kind
+        except Exception as exc:  # anything unexpected while decoding costs this image only
+            res.error, res.error_kind = f"{res.input}: cannot decode: {type(exc).__name__}: {exc}", "unsupported"
+        return res, None
+
+    def _predict_chunk(self, chunk: list[tuple[Prediction, np.ndarray | None]], state: _BankState,
                        top_k: int) -> list[Prediction]:
-        results: list[Prediction] = []
-        pixels: list[np.ndarray] = []
-        pending: list[Prediction] = []
-        for index, item in chunk:
-            res = Prediction(describe_input(item, index), index)
-            results.append(res)
-            try:
-                pixels.append(self.preprocess(load_rgb(item, self.max_pixels, index)))
-                pending.append(res)
-            except ImageError as exc:
-                res.error, res.error_kind = exc.message, exc.kind
-            except Exception as exc:  # anything unexpected while decoding costs this image only
-                res.error, res.error_kind = f"{res.input}: cannot decode: {type(exc).__name__}: {exc}", "unsupported"
+        pending = [res for res, pixels in chunk if pixels is not None]
         if pending:
-            self._run(np.stack(pixels), pending, state, top_k)
-        return results
+            self._run(np.stack([pixels for _, pixels in chunk if pixels is not None]), pending, state, top_k)
+        return [res for res, _ in chunk]
 
     def _run(self, pixels: np.ndarray, pending: list[Prediction], state: _BankState, top_k: int) -> None:
         try:

@@ -26,6 +26,7 @@ already matches — both reproduced here, so the result equals open_clip's to fl
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,22 +114,40 @@ class Preprocess:
     def _resample(self) -> int:
         return _RESAMPLE[self.interpolation]
 
+    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
+        """``(H, W)`` an image of ``width`` x ``height`` is resized to before the crop / pad (see the table)."""
+        th, tw = self.size
+        if self.resize_mode == "squash":
+            return th, tw
+        if self.resize_mode == "longest":
+            return _keep_ratio_size((width, height), (th, tw), longest=1.0)
+        if th == tw:
+            return _shortest_edge_size((width, height), th)
+        return _keep_ratio_size((width, height), (th, tw), longest=0.0)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(W, H)``: the smallest size, at the image's own aspect ratio, from which the resize to
+        :meth:`resized_hw` still only shrinks, in either orientation (EXIF rotation is applied after decoding).
+        JPEG decoding at a reduced DCT scale (``Image.draft``, the predictor's ``fast_decode``) asks for this."""
+        scale = 0.0
+        for w, h in ((width, height), (height, width)):
+            rh, rw = self.resized_hw(w, h)
+            scale = max(scale, rw / w, rh / h)
+        return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
     def geometry(self, image: Image.Image) -> np.ndarray:
         """Resize + crop/pad of an RGB image: ``uint8 [H, W, 3]``, before ``ToTensor``/``Normalize``."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         th, tw = self.size
+        hw = self.resized_hw(image.width, image.height)
         if self.resize_mode == "squash":
-            return np.asarray(_resize(image, (th, tw), self._resample))
-        if self.resize_mode == "longest":
-            image = _resize(image, _keep_ratio_size(image, (th, tw), longest=1.0), self._resample)
-            return _center_crop_or_pad(np.asarray(image), (th, tw), self.fill_color)
-        # shortest
-        if th == tw:
-            image = _resize(image, _shortest_edge_size(image, th), self._resample)
-        else:  # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation: bicubic
-            image = _resize(image, _keep_ratio_size(image, (th, tw), longest=0.0), Image.Resampling.BICUBIC)
-        return _center_crop_or_pad(np.asarray(image), (th, tw), 0)
+            return np.asarray(_resize(image, hw, self._resample))
+        # open_clip builds ResizeKeepRatio(image_size) for a non-square "shortest" size without passing the
+        # interpolation: bicubic there
+        keep_ratio_default = self.resize_mode == "shortest" and th != tw
+        image = _resize(image, hw, Image.Resampling.BICUBIC if keep_ratio_default else self._resample)
+        return _center_crop_or_pad(np.asarray(image), (th, tw), self.fill_color if self.resize_mode == "longest" else 0)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """``float32 [3, H, W]``: the normalised pixels one image contributes to ``pixel_values``."""
@@ -161,18 +180,18 @@ def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int) -> Imag
     return image.resize((w, h), resample)
 
 
-def _shortest_edge_size(image: Image.Image, size: int) -> tuple[int, int]:
+def _shortest_edge_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:
     """torchvision ``_compute_resized_output_size`` for a single int: short edge -> size, long edge truncated."""
-    w, h = image.size
+    w, h = image_size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     return new_h, new_w
 
 
-def _keep_ratio_size(image: Image.Image, target_hw: tuple[int, int], longest: float) -> tuple[int, int]:
+def _keep_ratio_size(image_size: tuple[int, int], target_hw: tuple[int, int], longest: float) -> tuple[int, int]:
     """open_clip/timm ``ResizeKeepRatio.get_params`` without the (training-only) random factors."""
-    w, h = image.size
+    w, h = image_size
     target_h, target_w = target_hw
     ratio_h, ratio_w = h / target_h, w / target_w
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)

@@ -1,14 +1,17 @@
-"""One session interface over ONNX Runtime's CPU and CUDA execution providers.
+"""One session interface over any ONNX Runtime execution provider (names and fall-back rules: providers.py).
 
-* ``provider="cpu"``: ``CPUExecutionProvider``; the bank arrays are fed from host memory on every call (ONNX
+* CPU (and every provider that reads host memory): the bank arrays are fed from host memory on every call (ONNX
   Runtime reads them in place, no copy).
-* ``provider="cuda"``: ``CUDAExecutionProvider`` (from the ``onnxruntime-gpu`` package, ``pip install
-  diki-edge-runtime[gpu]``). The bank is uploaded to the device ONCE per bank (:meth:`Session.prepare_bank`
-  builds device ``OrtValue``s) and bound by IO binding on every call, so only the pixels travel per call.
-  Swapping the bank uploads the new one; calls in flight keep the bank they started with.
-* Asking for CUDA where it cannot run is an error that says why (package without CUDA, CUDA/cuDNN libraries
-  missing, no device) — never a silent fall-back to the CPU. :attr:`Session.providers` reports the providers the
-  session actually runs with, as ONNX Runtime reports them.
+* CUDA and TensorRT (``onnxruntime-gpu``, ``pip install diki-edge-runtime[gpu]``): the bank is uploaded to the device
+  ONCE per bank (:meth:`Session.prepare_bank` builds device ``OrtValue``s) and bound by IO binding on every call,
+  so only the pixels travel per call. Swapping the bank uploads the new one; calls in flight keep the bank they
+  started with.
+* A provider that cannot run here is an error that names it and the package that provides it — never a silent
+  fall-back to the CPU (providers.py). :attr:`Session.providers` reports the providers the session actually runs
+  with, as ONNX Runtime reports them; :attr:`Session.provider_notes` what a user-written chain skipped.
+* ``low_memory``: ONNX Runtime's CPU memory arena and memory-pattern planning off (as immich does for its CLIP
+  service), and GPU arenas grow by what is requested only: lower peak RSS for a few percent of speed (the
+  measured figures are in README.md, benchmarks section).
 
 A :class:`Session` is safe to share between threads: ``InferenceSession.run`` is thread-safe, IO bindings are
 created per call, and a :class:`BankHandle` is immutable.
@@ -19,14 +22,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from diki_edge_runtime.errors import RuntimeSetupError
+from diki_edge_runtime.providers import CUDA_DEVICE_PROVIDERS, check_started, plan_providers, short_name
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-INSTALL_HINT = "pip install 'diki-edge-runtime[cpu]' (or 'diki-edge-runtime[gpu]' for CUDA)"
+INSTALL_HINT = "pip install 'diki-edge-runtime[cpu]' (or 'diki-edge-runtime[gpu]' for CUDA and TensorRT)"
+# GPU providers whose memory arena can be told to grow by what is requested only (low-memory mode).
+_ARENA_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider")
 
 _DTYPES = {
     "float32": np.float32, "float": np.float32, "tensor(float)": np.float32,
@@ -53,14 +58,13 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def cuda_unavailable_reason(ort: Any | None = None) -> str | None:
-    """Why the CUDA execution provider cannot be used here, or None when the installed package offers it."""
-    ort = ort or import_onnxruntime()
-    available = ort.get_available_providers()
-    if PROVIDERS["cuda"] not in available:
-        return (f"the installed onnxruntime {ort.__version__} has no CUDA execution provider (available: "
-                f"{', '.join(available)}); install the GPU build: pip uninstall onnxruntime && "
-                f"pip install 'diki-edge-runtime[gpu]'")
+def provider_unavailable_reason(provider: str | Sequence[str] = "cuda") -> str | None:
+    """Why ``provider`` (a name or a chain) cannot be used with the installed ONNX Runtime build, or None when the
+    build offers it (whether it then starts is only known when a session starts)."""
+    try:
+        plan_providers(provider, import_onnxruntime())
+    except RuntimeSetupError as exc:
+        return str(exc)
     return None
 
 
@@ -79,48 +83,47 @@ class BankHandle:
 class Session:
     """An ONNX Runtime session for one exported graph on one execution provider."""
 
-    def __init__(self, model_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, io_binding: bool | None = None):
-        """``io_binding``: bind the bank as ``OrtValue``s (default: on CUDA only; forcing it on the CPU runs the
-        exact CUDA code path with host ``OrtValue``s, which is how it is tested without a GPU)."""
+    def __init__(self, model_path: str | os.PathLike, provider: str | Sequence[str] = "cpu",
+                 threads: int | None = None, device_id: int = 0, io_binding: bool | None = None, *,
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False):
+        """``provider``: a name or a user-written chain (``"tensorrt,cuda,cpu"`` or a list; providers.py);
+        ``provider_options``: ``{provider name: {option: value}}``; ``low_memory``: see the module docstring;
+        ``io_binding``: bind the bank as ``OrtValue``s (default: on CUDA and TensorRT only; forcing it on the CPU
+        runs the exact CUDA code path with host ``OrtValue``s, which is how it is tested without a GPU)."""
         ort = import_onnxruntime()
         self._ort = ort
-        key = str(provider).lower()
-        if key not in PROVIDERS:
-            raise RuntimeSetupError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
         if threads is not None and int(threads) < 1:
             raise RuntimeSetupError(f"threads must be >= 1, got {threads}")
         path = Path(model_path)
         if not path.is_file():
             raise RuntimeSetupError(f"{path}: ONNX model file not found")
-        if key == "cuda":
-            reason = cuda_unavailable_reason(ort)
-            if reason:
-                raise RuntimeSetupError(f"CUDA was requested but cannot be used: {reason}")
-        self.requested = key
         self.device_id = int(device_id)
+        plan = plan_providers(provider, ort, provider_options, self.device_id)
+        self.low_memory = bool(low_memory)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; provider failures are reported by us below
-        if key == "cuda":
-            providers: list[Any] = [(PROVIDERS["cuda"], {"device_id": self.device_id}), PROVIDERS["cpu"]]
-        else:
-            providers = [PROVIDERS["cpu"]]
+        if self.low_memory:
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
+            for ort_id, opts in plan.register:
+                if ort_id in _ARENA_PROVIDERS:
+                    opts.setdefault("arena_extend_strategy", "kSameAsRequested")
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._sess = ort.InferenceSession(str(path), sess_options=options, providers=plan.ort_providers())
         except Exception as exc:
-            where = "with the CUDA execution provider " if key == "cuda" else ""
-            raise RuntimeSetupError(f"{path}: ONNX Runtime cannot load the model {where}({exc})") from None
-        self.providers: list[str] = list(self._sess.get_providers())
-        if key == "cuda" and PROVIDERS["cuda"] not in self.providers:
-            raise RuntimeSetupError(
-                "CUDA was requested but ONNX Runtime could not start its CUDA execution provider (CUDA or cuDNN "
-                "libraries missing or of the wrong version, or no visible GPU: check nvidia-smi, "
-                f"CUDA_VISIBLE_DEVICES and the onnxruntime-gpu requirements); providers that started: {self.providers}")
-        self.io_binding = self.on_cuda if io_binding is None else bool(io_binding)
-        self.bank_device = "cuda" if self.on_cuda else "cpu"
+            names = ", ".join(short_name(i) for i, _ in plan.register)
+            raise RuntimeSetupError(f"{path}: ONNX Runtime cannot load the model with the {names} execution "
+                                    f"provider(s) ({str(exc).strip()})") from None
+        self.plan = check_started(plan, self._sess.get_providers(), ort)
+        self.providers: list[str] = list(self.plan.in_use)
+        self.provider_notes: list[str] = list(self.plan.notes)
+        self.primary: str = self.plan.primary or self.providers[0]
+        on_device = self.primary in CUDA_DEVICE_PROVIDERS
+        self.io_binding = on_device if io_binding is None else bool(io_binding)
+        self.bank_device = "cuda" if on_device else "cpu"
         self.bank_uploads = 0  # how many banks were copied into OrtValues (once per bank, never per call)
         self.input_types = {i.name: i.type for i in self._sess.get_inputs()}
         self.input_shapes = {i.name: list(i.shape) for i in self._sess.get_inputs()}
@@ -128,7 +131,15 @@ class Session:
 
     @property
     def on_cuda(self) -> bool:
-        return PROVIDERS["cuda"] in self.providers
+        """The graph runs on an NVIDIA GPU (CUDA or TensorRT): the bank lives on the device."""
+        return self.bank_device == "cuda"
+
+    @property
+    def memory_settings(self) -> dict[str, Any]:
+        """What ONNX Runtime was told about memory (read back from the session)."""
+        opts = self._sess.get_session_options()
+        return {"low_memory": self.low_memory, "cpu_mem_arena": bool(opts.enable_cpu_mem_arena),
+                "mem_pattern": bool(opts.enable_mem_pattern)}
 
     def input_dtype(self, name: str) -> np.dtype:
         return numpy_dtype(self.input_types[name])
