@@ -24,7 +24,8 @@ Thread safety: the bank in use is one immutable snapshot replaced atomically by 
 every :meth:`Predictor.predict` call works on the snapshot current when it starts.
 
 Throughput: inputs are decoded and preprocessed by ``workers`` threads while the graph runs the previous batch in
-the calling thread (diki_edge_runtime/pipeline.py); at most ``batch_size + 2 * workers`` inputs are in flight.
+the calling thread (diki_edge_runtime/pipeline.py); at most ``batch_size + 2 * workers`` inputs are in the pool
+besides the batch being answered.
 """
 
 from __future__ import annotations
@@ -282,8 +283,8 @@ class Predictor:
 
     def iter_predict(self, inputs: ImageInput | Sequence[ImageInput] | Iterable[ImageInput], top_k: int = 5,
                      batch_size: int = 8, on_progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """Like :meth:`predict`, yielding results batch by batch. Inputs are read lazily: memory stays bounded by
-        ``batch_size + 2 * workers`` decoded images, whatever the number of inputs."""
+        """Like :meth:`predict`, yielding results batch by batch. Inputs are read lazily: at most the batch being
+        answered plus ``batch_size + 2 * workers`` in the decode pool are held, whatever the number of inputs."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if batch_size < 1:
