@@ -1,110 +1,336 @@
-"""The CUDA execution-provider check, for a machine with a GPU and `onnxruntime-gpu` (CI has neither).
+"""The GPU check: one script for a machine with an NVIDIA GPU and ``onnxruntime-gpu`` (CI has neither).
 
-Exports the bundled backbone with a 3-task bank of real DCIL tasks (synthetic adapters, real statistics), then:
+    python scripts/check_cuda.py [--out benchmarks/results] [--parts parity,latency,...] [--repeats 20]
+    python scripts/check_cuda.py --dry-run      # on a machine without a GPU: the CPU halves only, to test the script
 
-* predicts the same images with the CPU and the CUDA provider: same tasks, same top-1, embeddings within 1e-4;
-* checks that with CUDA the bank is uploaded once (IO binding) and not on every call, and again after load_bank;
-* exports fp16 and validates it where CUDA can run it;
-* times CPU vs CUDA predict (median of repeats).
+Builds (once, cached like the benchmarks, under ``--cache``) the bundled ``diki-tiny`` backbone exported with five
+tasks fitted to scikit-image photographs, and 200 JPEG photos of 1600 x 1200 (benchmarks/bench_throughput.py),
+then runs the parts below. Each part is a function ``part_NAME(ctx) -> {"checks": {name: bool | None},
+"figures": {...}}`` registered in :data:`PARTS`; a part that raises is recorded as failed and the others still
+run. ``None`` as a check means "not run here" (a dry run, or TensorRT absent).
 
-Run: ``python scripts/check_cuda.py [--out DIR]``; prints a table and writes ``DIR/cuda_check.json``; exits 1
-when a check fails.
+* ``env``: the ONNX Runtime build and its providers, the GPU (nvidia-smi), torch's view of CUDA;
+* ``parity``: CPU vs CUDA on the image graph (same tasks and top-1, embeddings and M within 1e-4) and, when the
+  model folder has a text graph (``Predictor.has_text``), on the text graph (text embeddings within 1e-4);
+* ``io_binding``: the bank is uploaded to the device once per bank (``Session.bank_uploads``), not per call, and
+  once more after ``load_bank``, whose predictions again match the CPU;
+* ``fp16``: the fp16 export is validated on CUDA (manifest ``validated_providers``) and agrees with fp32 on the
+  photos (tasks, cosine >= 0.999);
+* ``latency``: graph latency at batch 1 / 8 / 32 for fp32 and fp16 on CUDA (CPU fp32 beside it), and the 200
+  photos through ``predict(paths)`` with the default decode workers vs ``workers=0``;
+* ``tensorrt``: when the build offers TensorRT: ``provider="tensorrt,cuda"`` with an engine cache, parity with the
+  CPU and latency at batch 1 / 8;
+* the training smoke run (the training issue) registers itself in :data:`PARTS` as ``training``.
+
+Writes ``<out>/gpu_check.json`` (``gpu_check_dry_run.json`` for a dry run) and prints one line per check. Exit
+codes: 0 every check passed, 1 a check failed, 2 no usable CUDA provider (nothing long is started then; use
+``--dry-run`` to exercise the script without a GPU). Budget: under 10 minutes on a GPU machine (the export and
+the fp16 export take most of it; the TensorRT engine build is cached in the temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmark helpers (photos, model) live in the repository's benchmarks/
+    sys.path.insert(0, str(REPO))
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
+EMBED_TOLERANCE = 1e-4
+FP16_MIN_COSINE = 0.999
+BATCHES = (1, 8, 32)
+PARITY_PHOTOS = 32
 
+
+@dataclass
+class Context:
+    """What the parts share: arguments, the model folders, the photos, one predictor per (provider, precision)."""
+
+    args: argparse.Namespace
+    tmp: Path
+    notes: list[str] = field(default_factory=list)
+    _predictors: dict = field(default_factory=dict)
+
+    @property
+    def dry_run(self) -> bool:
+        return bool(self.args.dry_run)
+
+    @property
+    def gpu(self) -> str:
+        """The provider of the GPU side: cuda, or (dry run) cpu through the same IO-binding code path."""
+        return "cpu" if self.dry_run else "cuda"
+
+    @cached_property
+    def cache(self) -> Path:
+        return Path(self.args.cache) / "throughput"
+
+    @cached_property
+    def photos(self) -> list[Path]:
+        from benchmarks.bench_throughput import photo_folder
+
+        return photo_folder(self.cache, self.args.photos)
+
+    @cached_property
+    def model_fp32(self) -> Path:
+        from benchmarks.bench_throughput import bundled_model
+
+        return bundled_model(self.cache)
+
+    @cached_property
+    def model_fp16(self) -> Path:
+        from diki_edge_export import export_model
+
+        out = self.tmp / "fp16"
+        export_model(self.model_fp32 / "bank.safetensors", out, precision="fp16", quiet=True, force=True)
+        return out
+
+    def new_predictor(self, side: str, precision: str = "fp32", **kw):
+        """``side``: "cpu" (the reference) or "gpu" (CUDA; in a dry run the CPU through the IO-binding path)."""
+        from diki_edge_runtime import Predictor
+
+        folder = self.model_fp32 if precision == "fp32" else self.model_fp16
+        if side == "cpu":
+            return Predictor(folder, provider="cpu", **kw)
+        return Predictor(folder, provider=self.gpu, **({"io_binding": True} if self.dry_run else {}), **kw)
+
+    def predictor(self, side: str, precision: str = "fp32"):
+        """One shared predictor per (side, precision)."""
+        if (side, precision) not in self._predictors:
+            self._predictors[side, precision] = self.new_predictor(side, precision)
+        return self._predictors[side, precision]
+
+
+# ------------------------------------------------------------------------------------------------------- parts
+def part_env(ctx: Context) -> dict[str, Any]:
     import onnxruntime as ort
-    import torch
-    from diki_edge_export import export_model
+    from diki_edge_runtime.providers import describe_build
+
+    figures: dict[str, Any] = {"onnxruntime": describe_build(ort), "available": ort.get_available_providers()}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        figures["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        figures["nvidia_smi"] = f"not available ({exc})"
+    try:
+        import torch
+
+        figures["torch_cuda"] = torch.cuda.is_available() and torch.cuda.get_device_name(0)
+    except Exception as exc:  # torch is optional for the runtime side
+        figures["torch_cuda"] = f"unknown ({type(exc).__name__})"
+    cuda = "CUDAExecutionProvider" in figures["available"]
+    return {"checks": {"cuda_provider_offered": None if ctx.dry_run else cuda}, "figures": figures}
+
+
+def _compare(a: list, b: list) -> dict[str, Any]:
+    return {"same_tasks": all(x.task == y.task for x, y in zip(a, b)),
+            "same_top1": all(x.label == y.label for x, y in zip(a, b)),
+            "embeds_max_abs_diff": max(float(np.abs(x.image_embeds - y.image_embeds).max()) for x, y in zip(a, b)),
+            "weight_max_abs_diff": max(abs(x.weight - y.weight) for x, y in zip(a, b))}
+
+
+def part_parity(ctx: Context) -> dict[str, Any]:
+    paths = [str(p) for p in ctx.photos[:PARITY_PHOTOS]]
+    cpu, gpu = ctx.predictor("cpu"), ctx.predictor("gpu")
+    figures = _compare(cpu.predict(paths, batch_size=16), gpu.predict(paths, batch_size=16))
+    figures["gpu_providers"] = gpu.providers
+    checks = {"image_same_tasks": figures["same_tasks"], "image_same_top1": figures["same_top1"],
+              f"image_embeds_within_{EMBED_TOLERANCE:g}": figures["embeds_max_abs_diff"] <= EMBED_TOLERANCE,
+              f"image_weight_within_{EMBED_TOLERANCE:g}": figures["weight_max_abs_diff"] <= EMBED_TOLERANCE,
+              "ran_on_cuda": None if ctx.dry_run else gpu.providers[0] == "CUDAExecutionProvider"}
+    if getattr(cpu, "has_text", False):  # the text graph (open-vocabulary issue), when the folder has one
+        texts = [f"a photo of a {c}." for c in cpu.classes] + ["a photo of something else."]
+        diffs = [float(np.abs(cpu.encode_text(texts, task=t, weight=w) - gpu.encode_text(texts, task=t, weight=w)
+                              ).max()) for t, w in ((None, 0.0), (0, 1.0), (len(cpu.tasks) - 1, 0.5))]
+        figures["text_embeds_max_abs_diff"] = max(diffs)
+        checks[f"text_embeds_within_{EMBED_TOLERANCE:g}"] = max(diffs) <= EMBED_TOLERANCE
+    else:
+        figures["text_graph"] = "absent from this model folder / runtime: not checked"
+    return {"checks": checks, "figures": figures}
+
+
+def part_io_binding(ctx: Context) -> dict[str, Any]:
     from diki_edge_runtime import Predictor
     from diki_edge_runtime.bank import TaskBank
 
-    from diki_edge.backbone import load_backbone
-    from diki_edge.datasets import make_task
-    from diki_edge.layout import layout_for
-    from diki_edge.model import DikiCLIP
-    from diki_edge.synthetic import synthetic_task
-    from diki_edge.train import image_transform
-
-    results: dict = {"available_providers": ort.get_available_providers(), "checks": {}}
-    checks = results["checks"]
-    tmp = Path(tempfile.mkdtemp(prefix="diki-cuda-"))
-    backbone = load_backbone()
-    diki = DikiCLIP(backbone.model)
-    layout = layout_for(backbone, diki)
-    transform = image_transform(backbone)
-    tasks = [make_task(n) for n in ("mnist", "emoji-jobs", "textures")]
-    bank = TaskBank.empty(layout)
-    for i, t in enumerate(tasks):
-        fit = torch.stack([transform(im) for im, _ in t.train])
-        bank = bank.with_task(synthetic_task(diki, backbone.tokenizer, t.name, t.class_names, fit,
-                                             layout.calibration_levels, seed=i, value_scale=0.1))
-    bank_path = bank.save(tmp / "bank.safetensors")
-    smaller = bank.select([0, 1]).save(tmp / "bank2.safetensors")
-    export_model(bank_path, tmp / "fp32", quiet=True)
-    images = [im for t in tasks for im, _ in t.test[:16]]
-
-    cpu = Predictor(tmp / "fp32", provider="cpu")
-    gpu = Predictor(tmp / "fp32", provider="cuda")
-    results["gpu_providers"] = gpu.providers
-    a, b = cpu.predict(images, batch_size=16), gpu.predict(images, batch_size=16)
-    gpu.predict(images, batch_size=16)
-    checks["same_tasks"] = all(x.task == y.task for x, y in zip(a, b))
-    checks["same_top1"] = all(x.top_k[0][0] == y.top_k[0][0] for x, y in zip(a, b))
-    max_diff = max(float(np.abs(x.image_embeds - y.image_embeds).max()) for x, y in zip(a, b))
-    results["embeds_max_abs_diff"] = max_diff
-    checks["embeds_within_1e-4"] = max_diff <= 1e-4
-    checks["bank_uploaded_once"] = getattr(gpu.session, "bank_uploads", None) == 1
+    paths = [str(p) for p in ctx.photos[:16]]
+    gpu = ctx.new_predictor("gpu")  # a fresh one: its upload counter starts at 1
+    for _ in range(5):
+        gpu.predict(paths, batch_size=4)
+    after_calls = gpu.session.bank_uploads
+    bank = TaskBank.load(ctx.model_fp32 / "bank.safetensors")
+    smaller = bank.select([0, 2])
     gpu.load_bank(smaller)
-    gpu.predict(images[:4])
-    gpu.predict(images[:4])
-    checks["bank_reuploaded_once_after_swap"] = getattr(gpu.session, "bank_uploads", None) == 2
+    swapped = gpu.predict(paths, batch_size=4)
+    gpu.predict(paths, batch_size=4)
+    cpu_small = Predictor(ctx.model_fp32, provider="cpu", bank=smaller)
+    figures = {"uploads_after_5x4_calls": after_calls, "uploads_after_swap_and_2x4_calls": gpu.session.bank_uploads,
+               "bank_on_device": gpu.session.bank_device, "after_swap": _compare(cpu_small.predict(paths), swapped)}
+    return {"checks": {"bank_uploaded_once": after_calls == 1,
+                       "bank_uploaded_once_more_after_swap": gpu.session.bank_uploads == 2,
+                       "bank_lives_on_the_gpu": None if ctx.dry_run else gpu.session.bank_device == "cuda",
+                       "swap_matches_cpu": figures["after_swap"]["same_tasks"] and figures["after_swap"]["same_top1"]
+                       and figures["after_swap"]["embeds_max_abs_diff"] <= EMBED_TOLERANCE},
+            "figures": figures}
 
-    timings = {}
-    for name, pred in (("cpu", cpu), ("cuda", gpu)):
-        for bs in (1, 8):
-            batch = images[:bs]
-            pred.predict(batch, batch_size=bs)
-            samples = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                pred.predict(batch, batch_size=bs)
-                samples.append((time.perf_counter() - t0) * 1e3)
-            timings[f"{name}_b{bs}_ms"] = {"min": min(samples), "median": statistics.median(samples),
-                                           "max": max(samples)}
-    results["timings"] = timings
 
-    fp16 = export_model(bank_path, tmp / "fp16", precision="fp16", quiet=True)
-    results["fp16_manifest_validation"] = fp16.manifest.get("validation", {}).get("fp16")
-    checks["fp16_validated_on_cuda"] = "CUDAExecutionProvider" in fp16.manifest.get("validated_providers", [])
+def part_fp16(ctx: Context) -> dict[str, Any]:
+    from diki_edge_runtime.contract import Manifest
 
-    ok = all(checks.values())
-    results["ok"] = ok
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cuda_check.json").write_text(json.dumps(results, indent=2, default=str))
-    for k, v in checks.items():
-        print(f"{'PASS' if v else 'FAIL'}  {k}")
-    for k, v in timings.items():
-        print(f"{k:12s} median {v['median']:.2f} ms (min {v['min']:.2f}, max {v['max']:.2f})")
-    return 0 if ok else 1
+    manifest = Manifest.load(ctx.model_fp16)
+    paths = [str(p) for p in ctx.photos[:PARITY_PHOTOS]]
+    ref = ctx.predictor("cpu").predict(paths, batch_size=16)
+    half = ctx.predictor("gpu", "fp16").predict(paths, batch_size=16)
+    cos = [float(a.image_embeds @ b.image_embeds) for a, b in zip(ref, half)]
+    figures = {"validated_providers": manifest.validated_providers, "min_cosine_vs_fp32_cpu": min(cos),
+               "same_tasks": all(a.task == b.task for a, b in zip(ref, half)),
+               "top1_agreement": float(np.mean([a.label == b.label for a, b in zip(ref, half)]))}
+    validated = "CUDAExecutionProvider" in manifest.validated_providers
+    return {"checks": {"fp16_validated_on_cuda": None if ctx.dry_run else validated,
+                       f"fp16_cosine_at_least_{FP16_MIN_COSINE}": min(cos) >= FP16_MIN_COSINE,
+                       "fp16_same_tasks": figures["same_tasks"]},
+            "figures": figures}
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "n": repeats}
+
+
+def part_latency(ctx: Context) -> dict[str, Any]:
+    pixels = ctx.predictor("cpu").pixel_values([str(p) for p in ctx.photos[:max(BATCHES)]])
+    figures: dict[str, Any] = {}
+    for side, precision in (("gpu", "fp32"), ("gpu", "fp16"), ("cpu", "fp32")):
+        pred = ctx.predictor(side, precision)
+        for b in BATCHES if side == "gpu" else BATCHES[:2]:
+            figures[f"{side}_{precision}_b{b}"] = _time(lambda: pred.run_arrays(pixels[:b]), ctx.args.repeats)
+    paths = [str(p) for p in ctx.photos]
+    for workers in (None, 0):
+        pred = ctx.new_predictor("gpu", workers=workers)
+        t0 = time.perf_counter()
+        pred.predict(paths, batch_size=32)
+        figures[f"predict_{len(paths)}_photos_workers_{pred.workers}_s"] = time.perf_counter() - t0
+    return {"checks": {}, "figures": figures}
+
+
+def part_tensorrt(ctx: Context) -> dict[str, Any]:
+    import onnxruntime as ort
+    from diki_edge_runtime import Predictor
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers() or ctx.dry_run:
+        return {"checks": {"tensorrt": None}, "figures": {"tensorrt": "not offered by this build (or a dry run)"}}
+    cache = ctx.tmp / "trt-engines"
+    options = {"tensorrt": {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}}
+    t0 = time.perf_counter()
+    trt = Predictor(ctx.model_fp32, provider="tensorrt,cuda", provider_options=options)
+    paths = [str(p) for p in ctx.photos[:PARITY_PHOTOS]]
+    got = trt.predict(paths, batch_size=8)
+    figures: dict[str, Any] = {"providers": trt.providers, "notes": trt.session.provider_notes,
+                               "first_predict_with_engine_build_s": time.perf_counter() - t0,
+                               **_compare(ctx.predictor("cpu").predict(paths, batch_size=8), got)}
+    pixels = ctx.predictor("cpu").pixel_values(paths[:8])
+    for b in (1, 8):
+        figures[f"b{b}"] = _time(lambda: trt.run_arrays(pixels[:b]), ctx.args.repeats)
+    return {"checks": {"tensorrt_started": trt.session.primary == "TensorrtExecutionProvider",
+                       "tensorrt_same_tasks_and_top1": figures["same_tasks"] and figures["same_top1"]},
+            "figures": figures}
+
+
+# name -> part, in the order of the run. The training issue adds its smoke run here as "training".
+PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "env": part_env,
+    "parity": part_parity,
+    "io_binding": part_io_binding,
+    "fp16": part_fp16,
+    "latency": part_latency,
+    "tensorrt": part_tensorrt,
+}
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python scripts/check_cuda.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the JSON result")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "DIKI_BENCH_CACHE", Path.home() / ".cache" / "diki-edge" / "benchmarks")), help="benchmark cache folder")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    ap.add_argument("--repeats", type=int, default=20, help="timed repeats per latency figure")
+    ap.add_argument("--photos", type=int, default=200, help="photos for the predict(paths) figure (<= 200)")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: run the CPU halves to test the script")
+    args = ap.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; known: {', '.join(PARTS)}")
+    if not 1 <= args.repeats <= 1000 or not 32 <= args.photos <= 200:
+        ap.error("--repeats must be 1..1000 and --photos 32..200")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diki_edge_runtime.session import provider_unavailable_reason
+
+    if not args.dry_run:
+        reason = provider_unavailable_reason("cuda")
+        if reason:
+            print(f"error: no usable CUDA execution provider here: {reason}\n"
+                  "This check needs a GPU machine with onnxruntime-gpu; `--dry-run` exercises the script on the CPU.",
+                  file=sys.stderr)
+            return 2
+    results: dict[str, Any] = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "command": " ".join(["python scripts/check_cuda.py"] + (argv or sys.argv[1:])),
+                               "parts": {}}
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="diki-gpu-check-") as tmp:
+        ctx = Context(args, Path(tmp))
+        for name in args.parts:
+            t0 = time.perf_counter()
+            try:
+                part = PARTS[name](ctx)
+            except Exception as exc:  # one broken part must not lose the others
+                part = {"checks": {"completed": False}, "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc()}
+            part["seconds"] = round(time.perf_counter() - t0, 1)
+            results["parts"][name] = part
+            for check, ok in part["checks"].items():
+                print(f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'}  {name}.{check}", flush=True)
+            if "error" in part:
+                print(f"      {part['error']}", flush=True)
+    results["seconds"] = round(time.perf_counter() - t_all, 1)
+    failed = [f"{n}.{c}" for n, p in results["parts"].items() for c, ok in p["checks"].items() if ok is False]
+    results["ok"] = not failed
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    for name, part in results["parts"].items():
+        for key, value in part.get("figures", {}).items():
+            if isinstance(value, dict) and "median_ms" in value:
+                print(f"{name}.{key}: median {value['median_ms']:.2f} ms (min {value['min_ms']:.2f}, "
+                      f"max {value['max_ms']:.2f})")
+    print(f"{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)} in {results['seconds']} s "
+          f"-> {path}")
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":
