@@ -5,7 +5,8 @@ Every input goes through the same steps, which are also what training applies to
 
 1. decode (paths only): ``Image.open`` reads the header, the pixel count is checked against ``max_pixels``
    *before* any pixel is decoded (decompression bombs), then the pixels are decoded in full (a truncated file is
-   an error, never silently padded);
+   an error, never silently padded) — or, for JPEG files when asked (``draft``: the predictor's ``fast_decode``),
+   at a reduced DCT scale that still leaves the resize only shrinking;
 2. EXIF orientation is applied (``ImageOps.exif_transpose``) — open_clip's transform does not do this itself;
 3. conversion to 8-bit RGB:
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -66,6 +65,8 @@ def package_for(ort_id: str) -> str:
 
 def installed_builds() -> list[str]:
     """The installed distributions that provide the ``onnxruntime`` module (onnxruntime, onnxruntime-gpu, ...)."""
+    from importlib import metadata  # only on the error path: importing it costs ~50 ms of start-up
+
     try:
         return sorted(set(metadata.packages_distributions().get("onnxruntime", [])))
     except Exception:  # a broken metadata entry must not hide the real error
