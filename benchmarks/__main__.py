@@ -50,7 +50,8 @@ OWN = [
     ("scaling", "benchmarks.bench_scaling", 5),
     ("cold_start", "benchmarks.bench_cold_start", 6),  # also #7 (peak RSS)
     ("int8", "benchmarks.bench_int8", 8),
-    ("throughput", "benchmarks.bench_throughput", 13),  # issue 13: decode pool, fast decode, low memory
+    ("throughput", "benchmarks.bench_throughput", 13),  # issue 13: decode pool, fast decode
+    ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # issue 13: ViT-B/16, low memory
 ]
 # Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
 EXTERNAL = [
