@@ -37,9 +37,10 @@ TENSORRT = "TensorrtExecutionProvider"
 # short name -> (ONNX Runtime provider id, the package that provides it)
 KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
     "cpu": (CPU, "onnxruntime (pip install 'diki-edge-runtime[cpu]')"),
-    "cuda": (CUDA, "onnxruntime-gpu (pip install 'diki-edge-runtime[gpu]'; needs the CUDA 12 and cuDNN 9 libraries)"),
-    "tensorrt": (TENSORRT, "onnxruntime-gpu with NVIDIA TensorRT (pip install 'diki-edge-runtime[gpu]' tensorrt; on Jetson "
-                           "the JetPack onnxruntime-gpu wheel)"),
+    "cuda": (CUDA, "onnxruntime-gpu (pip install 'diki-edge-runtime[gpu]'; needs the CUDA 12 and cuDNN 9 "
+                   "libraries)"),
+    "tensorrt": (TENSORRT, "onnxruntime-gpu with NVIDIA TensorRT (pip install 'diki-edge-runtime[gpu]' tensorrt; "
+                           "on Jetson the JetPack onnxruntime-gpu wheel)"),
     "openvino": ("OpenVINOExecutionProvider", "onnxruntime-openvino (Intel CPUs, iGPUs and NPUs)"),
     "coreml": ("CoreMLExecutionProvider", "onnxruntime on macOS (the PyPI macOS wheels include CoreML)"),
     "rocm": ("ROCMExecutionProvider", "onnxruntime-rocm (AMD's ROCm wheels)"),

@@ -1,8 +1,6 @@
-"""Pipelined decoding, fast JPEG decoding, provider choice and memory settings on a real exported model: the
-Predictor and the ``predict`` command (the command through a subprocess where torch cannot be imported).
-
-The model folder is exported once per module from the tiny test backbone (two synthetic tasks fitted to variants
-of scikit-image photographs); speed itself is measured in benchmarks/bench_throughput.py, not here.
+"""Pipelined decoding, fast JPEG decoding, provider choice and memory settings on the committed golden model
+folder (tests/runtime/golden): the Predictor and the ``predict`` command (the command through a subprocess where
+torch cannot be imported). Speed itself is measured in benchmarks/bench_throughput.py, not here.
 """
 
 from __future__ import annotations
@@ -15,79 +13,50 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-skdata = pytest.importorskip("skimage.data")
-
-from diki_edge_runtime import Predictor  # noqa: E402
-from diki_edge_runtime.images import load_rgb  # noqa: E402
-from diki_edge_runtime.preprocess import Preprocess  # noqa: E402
-from support import run_blocked  # noqa: E402  (tests/support.py)
-
-PHOTOS = {"pets": ("chelsea", ["cat", "dog"]), "drinks": ("coffee", ["coffee", "tea", "juice"])}
-
-
-def _photo(name: str, size: tuple[int, int]) -> Image.Image:
-    return Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+from diki_edge_runtime import Predictor
+from diki_edge_runtime.images import load_rgb
+from diki_edge_runtime.preprocess import Preprocess
+from support import run_blocked  # tests/support.py
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_model_spec) -> Path:
-    from diki_edge.backbone import load_backbone
-    from diki_edge.layout import layout_for
-    from diki_edge.model import DikiCLIP
-    from diki_edge.synthetic import synthetic_task
-    from diki_edge_export import export_model
-    from diki_edge_runtime.bank import TaskBank
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def model_dir(golden) -> Path:
+    return golden.model_dir
 
-    tmp = tmp_path_factory.mktemp("throughput")
-    backbone = load_backbone(tiny_model_spec)
-    diki = DikiCLIP(backbone.model)
-    layout = layout_for(backbone, diki)
-    transform = image_transform_v2(PreprocessCfg(**backbone.preprocess_cfg), is_train=False)
-    bank = TaskBank.empty(layout)
-    for seed, (task, (photo, classes)) in enumerate(PHOTOS.items()):
-        base = _photo(photo, (480, 360))
-        fit = torch.stack([transform(base.rotate(angle).crop((20 + angle, 10, 460, 350)))
-                           for angle in range(0, 24, 2)])
-        bank = bank.with_task(synthetic_task(diki, backbone.tokenizer, task, classes, fit,
-                                             layout.calibration_levels, seed=seed))
-    out = tmp / "model"
-    export_model(bank.save(tmp / "bank.safetensors"), out, model=tiny_model_spec, quiet=True)
-    return out
+
+def _photo(golden, name: str, size: tuple[int, int]) -> Image.Image:
+    return golden.image(name).resize(size, Image.Resampling.BICUBIC)
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict[str, Path]:
-    """Large JPEGs (1600 x 1200, where fast decoding matters), a small PNG, and an EXIF-rotated JPEG."""
+def photos(golden, tmp_path_factory) -> dict[str, Path]:
+    """The golden photographs as large JPEGs (1600 x 1200, where fast decoding matters), a small PNG, and an
+    EXIF-rotated JPEG."""
     tmp = tmp_path_factory.mktemp("photos")
     files = {}
-    for i, photo in enumerate(["chelsea", "coffee", "astronaut", "rocket"]):
-        path = tmp / f"{photo}.jpg"
-        _photo(photo, (1600, 1200)).save(path, quality=90)
-        files[photo] = path
-    files["small_png"] = tmp / "small.png"
-    _photo("chelsea", (300, 200)).save(files["small_png"])
+    for name in ("chelsea_0", "coffee_0", "astronaut_0", "rocket_0"):
+        files[name] = tmp / f"{name}.jpg"
+        _photo(golden, name, (1600, 1200)).save(files[name], quality=90)
+    files["small_png"] = golden.root / "images" / "chelsea_1.png"
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait (rotate 90 degrees clockwise)
     files["rotated"] = tmp / "rotated.jpg"
-    _photo("coffee", (1600, 900)).save(files["rotated"], quality=90, exif=exif)
+    _photo(golden, "coffee_1", (1600, 900)).save(files["rotated"], quality=90, exif=exif)
     return files
 
 
-def _mixed_inputs(photos: dict[str, Path], tmp: Path) -> list:
+def _mixed_inputs(golden, photos: dict[str, Path], tmp: Path) -> list:
     (tmp / "empty.jpg").write_bytes(b"")
-    data = photos["coffee"].read_bytes()
+    data = photos["coffee_0"].read_bytes()
     (tmp / "trunc.jpg").write_bytes(data[: len(data) // 3])
     (tmp / "notes.txt").write_text("not an image")
-    return [str(photos["chelsea"]), str(tmp / "missing.jpg"), str(photos["small_png"]), str(tmp / "empty.jpg"),
-            str(tmp / "trunc.jpg"), np.asarray(_photo("rocket", (64, 48))), str(tmp / "notes.txt"),
-            _photo("astronaut", (320, 240)), 42, str(photos["rotated"]), str(photos["coffee"])]
+    return [str(photos["chelsea_0"]), str(tmp / "missing.jpg"), str(photos["small_png"]), str(tmp / "empty.jpg"),
+            str(tmp / "trunc.jpg"), np.asarray(_photo(golden, "rocket_1", (64, 48))), str(tmp / "notes.txt"),
+            _photo(golden, "astronaut_1", (320, 240)), 42, str(photos["rotated"]), str(photos["coffee_0"])]
 
 
-def test_workers_keep_the_order_and_the_per_image_errors(model_dir, photos, tmp_path):
-    inputs = _mixed_inputs(photos, tmp_path)
+def test_workers_keep_the_order_and_the_per_image_errors(golden, model_dir, photos, tmp_path):
+    inputs = _mixed_inputs(golden, photos, tmp_path)
     serial = Predictor(model_dir, threads=1, workers=0).predict(inputs, batch_size=3)
     for workers in (1, 3):
         pooled = Predictor(model_dir, threads=1, workers=workers).predict(inputs, batch_size=3)
@@ -118,11 +87,11 @@ def test_decoding_runs_in_the_worker_threads(model_dir, photos):
     assert names and all(n.startswith("diki-edge-decode") for n in names)
 
 
-def test_memory_does_not_grow_with_the_number_of_inputs(model_dir):
+def test_memory_does_not_grow_with_the_number_of_inputs(golden, model_dir):
     """An endless generator of inputs: never more than the batch being answered plus batch_size + 2 * workers in
     the decode pool taken and not yet answered, however many inputs come."""
     p = Predictor(model_dir, threads=1, workers=2)
-    image = np.asarray(_photo("chelsea", (96, 64)))
+    image = np.asarray(_photo(golden, "chelsea_1", (96, 64)))
     taken = 0
 
     def endless():
@@ -151,18 +120,18 @@ def test_fast_decode_reads_jpegs_at_a_reduced_scale_and_stays_close(model_dir, p
     fast = Predictor(model_dir, threads=1, fast_decode=True)
     assert not exact.info()["fast_decode"] and fast.info()["fast_decode"]
     pre = fast.preprocess
-    with Image.open(photos["chelsea"]) as im:
+    with Image.open(photos["chelsea_0"]) as im:
         full = im.size
     short = min(pre.size)
-    reduced = load_rgb(photos["chelsea"], draft=pre.draft_size)
+    reduced = load_rgb(photos["chelsea_0"], draft=pre.draft_size)
     scale = 1200 // short  # the largest DCT scale (of 1/2, 1/4, 1/8) that keeps the short edge >= the target
     scale = max(a for a in (1, 2, 4, 8) if a <= scale)
     assert scale > 1 and reduced.size == (-(-full[0] // scale), -(-full[1] // scale))
     assert min(reduced.size) >= short
-    assert load_rgb(photos["chelsea"]).size == full
+    assert load_rgb(photos["chelsea_0"]).size == full
     rotated = load_rgb(photos["rotated"], draft=pre.draft_size)  # stored 1600 x 900, EXIF-rotated after decoding
     assert rotated.size[0] < rotated.size[1] and rotated.size[0] < 900 and min(rotated.size) >= short
-    files = [str(photos[n]) for n in ("chelsea", "coffee", "astronaut", "rocket", "rotated")]
+    files = [str(photos[n]) for n in ("chelsea_0", "coffee_0", "astronaut_0", "rocket_0", "rotated")]
     a, b = exact.pixel_values(files), fast.pixel_values(files)
     assert np.abs(a - b).max() > 0  # the pixels do change (why it is off by default) ...
     assert np.abs(a - b).mean() < 0.05  # ... but little (normalised units)
@@ -190,14 +159,14 @@ def test_draft_size_never_makes_the_resize_enlarge(cfg):
             assert rw <= w + 1 and rh <= h + 1, (cfg, width, height, w, h, rw, rh)
 
 
-def test_info_reports_providers_memory_and_decoding(model_dir):
+def test_info_reports_providers_memory_and_decoding(golden, model_dir):
     p = Predictor(model_dir, provider="openvino,cpu", threads=1, low_memory=True, workers=2)
     info = p.info()
     assert info["providers"] == ["CPUExecutionProvider"] and info["requested_providers"] == ["openvino", "cpu"]
     assert len(info["provider_notes"]) == 1 and info["provider_notes"][0].startswith("openvino skipped")
     assert info["memory"] == {"low_memory": True, "cpu_mem_arena": False, "mem_pattern": False}
     assert info["workers"] == 2 and info["fast_decode"] is False
-    image = np.asarray(_photo("coffee", (120, 90)))
+    image = np.asarray(_photo(golden, "coffee_1", (120, 90)))
     low, default = p.predict([image])[0], Predictor(model_dir, threads=1).predict([image])[0]
     assert low.task == default.task
     np.testing.assert_allclose(low.image_embeds, default.image_embeds, atol=1e-6)
@@ -221,7 +190,7 @@ app(prog_name="diki-edge predict")
 
 
 def test_cli_provider_the_build_lacks_exits_2_and_runs_nothing(model_dir, photos):
-    res = run_blocked(CLI, str(photos["chelsea"]), "--model", str(model_dir), "--provider", "tensorrt", "--json")
+    res = run_blocked(CLI, str(photos["chelsea_0"]), "--model", str(model_dir), "--provider", "tensorrt", "--json")
     assert res.returncode == 2 and res.stdout == ""
     err = " ".join(res.stderr.split())  # rich wraps long lines
     assert "the tensorrt execution provider (TensorrtExecutionProvider) is not in the installed" in err
@@ -229,7 +198,7 @@ def test_cli_provider_the_build_lacks_exits_2_and_runs_nothing(model_dir, photos
 
 
 def test_cli_user_written_chain_workers_fast_decode_low_memory(model_dir, photos, tmp_path):
-    files = [str(photos[n]) for n in ("coffee", "chelsea", "small_png", "rocket")]
+    files = [str(photos[n]) for n in ("coffee_0", "chelsea_0", "small_png", "rocket_0")]
     options = tmp_path / "options.json"
     options.write_text(json.dumps({"openvino": {"device_type": "GPU"}}))
     res = run_blocked(CLI, *files, "--model", str(model_dir), "--provider", "openvino,cpu", "--provider-options",
@@ -250,11 +219,11 @@ def test_cli_user_written_chain_workers_fast_decode_low_memory(model_dir, photos
     (["--provider", "tpu"], "unknown execution provider 'tpu'"),
 ])
 def test_cli_bad_provider_settings_exit_2(model_dir, photos, args, message):
-    res = run_blocked(CLI, str(photos["chelsea"]), "--model", str(model_dir), *args)
+    res = run_blocked(CLI, str(photos["chelsea_0"]), "--model", str(model_dir), *args)
     assert res.returncode == 2 and res.stdout == ""
     assert message in " ".join(res.stderr.split()), res.stderr
 
 
 def test_cli_negative_workers_exit_2(model_dir, photos):
-    res = run_blocked(CLI, str(photos["chelsea"]), "--model", str(model_dir), "--workers", "-1")
+    res = run_blocked(CLI, str(photos["chelsea_0"]), "--model", str(model_dir), "--workers", "-1")
     assert res.returncode == 2 and "--workers" in res.stderr
