@@ -267,7 +267,7 @@ def measure_vit(cfg: Config) -> dict[str, Any]:
                                               "--low-memory",
                  "time": f"{tm['default'].fmt(1, 's')} vs {tm['low_memory'].fmt(1, 's')}",
                  "vs serial": f"{med['default']:.0f} vs {med['low_memory']:.0f} MiB "
-                              f"({med['default'] - med['low_memory']:+.0f} MiB saved)",
+                              f"({med['low_memory'] - med['default']:+.0f} MiB with --low-memory)",
                  "met": None, "data": {"peak_rss_mib": rss, "wall": {k: v.to_json() for k, v in tm.items()}}})
     notes.append(f"{label}: random weights, the suite's 11-task world; {repeats} interleaved rounds; RSS = the "
                  f"child's own VmHWM, {len(rss['default'])} runs per mode, interleaved; load average now {_loadavg()}")
