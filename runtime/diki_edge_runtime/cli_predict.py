@@ -143,8 +143,8 @@ def predict_command(
         "--fast-decode", help="Decode JPEGs at a reduced DCT scale before the exact resize: faster on large "
                               "photos, slightly different results (see the README).")] = False,
     low_memory: Annotated[bool, typer.Option(
-        "--low-memory", help="ONNX Runtime memory arena and memory patterns off: lower peak memory, a little "
-                             "slower.")] = False,
+        "--low-memory", help="ONNX Runtime memory arena and memory patterns off: working memory is returned "
+                             "after each run instead of kept.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
 ) -> None:
     """Predict task, familiarity M and top-k classes for images, without PyTorch."""

@@ -128,7 +128,7 @@ class Predictor:
         :class:`TaskBank` to use instead of the folder's ``bank.safetensors``; ``max_pixels``: inputs with more
         pixels are refused (decompression bombs), ``None`` for no limit; ``device_id``: the GPU;
         ``io_binding``: keep the bank in ``OrtValue``s bound per call (default: on CUDA / TensorRT only);
-        ``low_memory``: ONNX Runtime's memory arena and memory patterns off (lower peak RSS, a little slower);
+        ``low_memory``: ONNX Runtime's memory arena and memory patterns off (memory returned after each run);
         ``workers``: decode threads overlapped with inference (default: one per core, at most 8; 0 decodes in the
         calling thread); ``fast_decode``: decode JPEG files at a reduced DCT scale before the exact resize (faster,
         slightly different pixels: see README.md).

@@ -10,8 +10,8 @@
   fall-back to the CPU (providers.py). :attr:`Session.providers` reports the providers the session actually runs
   with, as ONNX Runtime reports them; :attr:`Session.provider_notes` what a user-written chain skipped.
 * ``low_memory``: ONNX Runtime's CPU memory arena and memory-pattern planning off (as immich does for its CLIP
-  service), and GPU arenas grow by what is requested only: lower peak RSS for a few percent of speed (the
-  measured figures are in README.md, benchmarks section).
+  service), and GPU arenas grow by what is requested only: working memory is returned after each run instead of
+  kept. It did not lower the peak RSS of a one-shot ViT-B/16 run (README.md, benchmarks, #13).
 
 A :class:`Session` is safe to share between threads: ``InferenceSession.run`` is thread-safe, IO bindings are
 created per call, and a :class:`BankHandle` is immutable.
