@@ -8,11 +8,10 @@ import importlib.util
 import json
 import sys
 
+import onnxruntime as ort
 import pytest
 
 from support import REPO  # tests/support.py
-
-ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")

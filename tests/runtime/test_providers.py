@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from diki_edge_runtime import providers as P
 from diki_edge_runtime.errors import RuntimeSetupError
 from diki_edge_runtime.session import Session, provider_unavailable_reason
-
-ort = pytest.importorskip("onnxruntime")
 
 IDENTITY = Path(__file__).parent / "data" / "identity.onnx"  # y = x, float32 [n]
 MISSING_HERE = [name for name, (ort_id, _) in P.KNOWN_PROVIDERS.items()
