@@ -6,6 +6,10 @@ measurement and a summary of targets met / missed, and writes ``<out>/<name>.jso
 
 * ``--quick``: ViT-B/32 only, fewer repeats and task counts (<= 3 minutes on 2 cores once the cache is warm);
 * ``--tiny``: the tiny test backbone of tests/conftest.py (the smoke test; figures are meaningless);
+* ``--require-quiet``: wait (at most ``--quiet-timeout`` seconds) for a quiet machine before the run and before
+  every block of timed rounds, repeat a block that was contended anyway, and fail (exit 3) when the machine stays
+  busy. Without it, contended rows are still marked (``load`` column, ``contended`` in the JSON) and the summary
+  claims no target from them (exit 0 unless a target was missed on quiet rounds);
 * other engineers' scripts (``bench_skip_pass.py``, ``bench_bank_swap.py``, ``export_full_size.py``) run with
   ``--with-external`` or when named by ``--only``: through their ``run(quick: bool) -> dict`` if they have one,
   else as a subprocess with their own defaults (``--quick`` passed only if the script's ``--help`` offers it).
@@ -31,14 +35,20 @@ from benchmarks.common import (
     RESULTS_DIR,
     SCHEMA_VERSION,
     Config,
+    available_cores,
+    claim,
+    configure_load,
     machine_info,
     machine_line,
     make_result,
-    mark,
     render,
     run_measured,
     write_result,
 )
+from benchmarks.load import LoadMeter, MachineBusy
+
+EXIT_MISSED = 1
+EXIT_BUSY = 3
 
 # (name, module, issue-table number); the order of the run
 OWN = [
@@ -50,6 +60,7 @@ OWN = [
     ("scaling", "benchmarks.bench_scaling", 5),
     ("cold_start", "benchmarks.bench_cold_start", 6),  # also #7 (peak RSS)
     ("int8", "benchmarks.bench_int8", 8),
+    ("roofline", "benchmarks.bench_roofline", 10),
     ("throughput", "benchmarks.bench_throughput", 13),  # issue 13: decode pool, fast decode
     ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # issue 13: ViT-B/16, low memory
 ]
@@ -71,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     + ", " + ", ".join(n for n, _ in EXTERNAL))
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="threads for ONNX Runtime and PyTorch (0: all usable)")
+    ap.add_argument("--require-quiet", action="store_true",
+                    help="wait for a quiet machine before each block of rounds; fail (exit 3) if it stays busy")
+    ap.add_argument("--quiet-timeout", type=float, default=600.0, metavar="S",
+                    help="longest wait for a quiet machine with --require-quiet (default 600 s)")
     ap.add_argument("--model", action="append", default=[], help="backbone(s) instead of the default ones")
     ap.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
     ap.add_argument("--cache", type=Path, default=None, help="cache folder for banks and exports")
@@ -80,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    kw: dict[str, Any] = {"threads": args.threads, "provider": args.provider}
+    kw: dict[str, Any] = {"threads": args.threads, "provider": args.provider,
+                          "require_quiet": args.require_quiet, "quiet_timeout_s": args.quiet_timeout}
     if args.cache is not None:
         kw["cache_dir"] = args.cache
     if args.tiny:
@@ -162,19 +178,29 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # logs and CI: wide tables instead of 80-column wrapping
         console = Console(width=200)
-    cfg = build_config(args)
-    machine = machine_info()
-    console.print(f"[bold]diki-edge benchmarks[/bold] ({'tiny' if cfg.tiny else 'quick' if cfg.quick else 'full'}) "
-                  f"models {cfg.models}, {cfg.n_threads} threads, provider {cfg.provider}")
-    console.print(f"[dim]machine: {machine_line(machine)}[/dim]")
     wanted = set(args.only)
     known = {n for n, _, _ in OWN} | {n for n, _ in EXTERNAL}
     unknown = wanted - known
     if unknown:
         console.print(f"[red]unknown measurement(s) {sorted(unknown)}; known: {sorted(known)}[/red]")
         return 2
+    # what the machine does without us, before anything is built (bounded wait under --require-quiet)
+    meter = LoadMeter(args.threads or available_cores(), available_cores())
+    try:
+        start_load = meter.wait_quiet(args.quiet_timeout) if args.require_quiet else meter.idle_window(1.0)
+    except MachineBusy as exc:
+        console.print(f"[red]--require-quiet: {exc}[/red]")
+        return EXIT_BUSY
+    cfg = build_config(args)
+    configure_load(cfg, meter)
+    machine = machine_info()
+    machine["load_at_start"] = start_load.to_json()
+    console.print(f"[bold]diki-edge benchmarks[/bold] ({'tiny' if cfg.tiny else 'quick' if cfg.quick else 'full'}) "
+                  f"models {cfg.models}, {cfg.n_threads} threads, provider {cfg.provider}")
+    console.print(f"[dim]machine: {machine_line(machine)}; idle probe: {start_load.describe()}[/dim]")
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     results: list[dict[str, Any]] = []
+    busy = False
     t_all = time.perf_counter()
     jobs: list[tuple[str, Any]] = [(n, ("own", m, num)) for n, m, num in OWN if not wanted or n in wanted]
     if not cfg.tiny:
@@ -188,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_external(name, job[1], cfg)
                 if result is None:
                     continue
+        except MachineBusy as exc:  # --require-quiet: the machine stayed busy; later figures would not be quiet
+            console.print(f"[red]{name}: --require-quiet: {exc}[/red]")
+            busy = True
+            break
         except Exception as exc:  # one broken measurement must not lose the others
             console.print(f"[red]{name} failed: {type(exc).__name__}: {exc}[/red]")
             result = make_result(name, name, "(failed)", ["error"], [{"error": f"{type(exc).__name__}: {exc}",
@@ -208,22 +238,32 @@ def main(argv: list[str] | None = None) -> int:
     summary = Table(title="summary: targets", title_justify="left")
     for col in ("#", "measurement", "target", "result", "s"):
         summary.add_column(col)
+    styles = {"met": "[green]met[/green]", "missed": "[red]MISSED[/red]", "report": "[dim]report[/dim]",
+              "contended": "[yellow]contended: no claim[/yellow]"}
     for r in results:
-        summary.add_row(str(r.get("number", "")), r["title"], r["target"], mark(r["met"]), str(r.get("seconds", "")))
+        summary.add_row(str(r.get("number", "")), r["title"], r["target"], styles[claim(r)],
+                        str(r.get("seconds", "")))
     console.print(summary)
     total = round(time.perf_counter() - t_all, 1)
-    missed = [r["name"] for r in results if r["met"] is False]
+    claims = {r["name"]: claim(r) for r in results}
+    missed = [n for n, c in claims.items() if c == "missed"]
+    unclaimed = [n for n, c in claims.items() if c == "contended"]
     console.print(f"{len(results)} measurements in {total} s; "
-                  + (f"[red]missed: {', '.join(missed)}[/red]" if missed else "[green]no target missed[/green]"))
+                  + (f"[red]missed: {', '.join(missed)}[/red]" if missed else "[green]no target missed[/green]")
+                  + (f"; [yellow]no target claimed from contended rounds: {', '.join(unclaimed)}[/yellow] "
+                     "(re-run on a quiet machine: python -m benchmarks --require-quiet)" if unclaimed else ""))
     write_result({"schema_version": SCHEMA_VERSION, "name": "summary", "command": command, "seconds": total,
-                  "machine": machine, "config": cfg.to_json(),
+                  "machine": machine, "config": cfg.to_json(), "machine_busy": busy,
                   "results": [{"name": r["name"], "number": r.get("number"), "title": r["title"],
-                               "target": r["target"], "met": r["met"], "seconds": r.get("seconds")}
+                               "target": r["target"], "met": r["met"], "contended": r.get("contended", False),
+                               "claim": claims[r["name"]], "seconds": r.get("seconds")}
                               for r in results]}, cfg.out_dir)
+    if busy:
+        return EXIT_BUSY
     if cfg.tiny:
         console.print("[dim]--tiny: a smoke test of the harness; the figures and targets mean nothing here[/dim]")
         return 0
-    return 1 if missed else 0
+    return EXIT_MISSED if missed else 0
 
 
 if __name__ == "__main__":

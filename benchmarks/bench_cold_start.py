@@ -24,6 +24,7 @@ from benchmarks.common import (
     make_result,
     python_cmd,
     run_measured,
+    under_load_watch,
     venv_script,
 )
 from benchmarks.world import get_world
@@ -81,17 +82,23 @@ def measure(cfg: Config) -> dict[str, Any]:
     pt_cmd = python_cmd("import runpy; runpy.run_module('benchmarks._torch_predict', run_name='__main__')",
                         model, checkpoint, str(w.bank_path), str(cfg.n_threads), str(image))
     env = {"HF_HUB_OFFLINE": "1"}
-    runs: dict[str, list] = {"runtime": [], "pytorch": []}
     reps = 0 if cfg.tiny else max(cfg.slow_repeats, 1)
     first_timed = 0 if cfg.tiny else 1
-    for i in range(first_timed, reps + 1):  # run 0: warm-up (page cache); none in --tiny
-        for side, cmd in (("runtime", rt_cmd), ("pytorch", pt_cmd)) if i % 2 == 0 else (
-                ("pytorch", pt_cmd), ("runtime", rt_cmd)):
-            r = run_measured(cmd, env=env)
-            if r.returncode != 0 or r.first_line_s is None:
-                raise RuntimeError(f"{side} command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-            if i or cfg.tiny:
-                runs[side].append(r)
+
+    def timed_runs() -> dict[str, list]:
+        runs: dict[str, list] = {"runtime": [], "pytorch": []}
+        for i in range(first_timed, reps + 1):  # run 0: warm-up (page cache); none in --tiny
+            for side, cmd in (("runtime", rt_cmd), ("pytorch", pt_cmd)) if i % 2 == 0 else (
+                    ("pytorch", pt_cmd), ("runtime", rt_cmd)):
+                r = run_measured(cmd, env=env)
+                if r.returncode != 0 or r.first_line_s is None:
+                    raise RuntimeError(f"{side} command failed ({r.returncode}): {' '.join(cmd)}\n"
+                                       f"{r.stderr[-3000:]}")
+                if i or cfg.tiny:
+                    runs[side].append(r)
+        return runs
+
+    runs, window = under_load_watch(timed_runs)  # the children's CPU time is ours (reaped), not "others"
     preds = {s: json.loads(runs[s][-1].stdout.splitlines()[0]) for s in runs}
     # does the runtime import torch? (the same command with an import report at exit)
     chk_cmd = [sys.executable, "-c", IMPORT_CHECK + code, *rt_args]
@@ -100,8 +107,8 @@ def measure(cfg: Config) -> dict[str, Any]:
     for line in chk.stderr.splitlines():
         if line.startswith("IMPORTED-HEAVY "):
             heavy = json.loads(line.split(" ", 1)[1])
-    first = {s: Timing([r.first_line_s for r in runs[s]]) for s in runs}
-    total = {s: Timing([r.total_s for r in runs[s]]) for s in runs}
+    first = {s: Timing([r.first_line_s for r in runs[s]], window) for s in runs}
+    total = {s: Timing([r.total_s for r in runs[s]], window) for s in runs}
     rss = {s: [r.peak_rss_mib for r in runs[s]] for s in runs}
     rss_med = {s: sorted(v)[len(v) // 2] for s, v in rss.items()}
     rows = []

@@ -3,8 +3,13 @@
 Both graphs come from ``export_model(precision=...)`` of the same bank (the int8 one has passed the exporter's
 own validation against fp32). Graph runs on the same preprocessed familiar images (both passes run), sessions
 configured like the runtime's, interleaved. Agreement over familiar and unfamiliar images: selected task, top-1
-class, minimum cosine of the final embeddings. Target: report the int8 speed-up and top-1 agreement; fp16 only
-when a GPU is lent (``--provider cuda``).
+class, minimum cosine of the final embeddings. fp16 only when a GPU is lent (``--provider cuda``).
+
+Target (set from the hardware, issue 14): int8 >= 1.8x the fp32 graph at batch 8, with the export's int8 bounds
+held — the exporter's own validation passed (``manifest.json``) and the benchmark's images stay within the same
+bounds (``diki_edge_export.validate.INT8_MIN_COSINE``, ``INT8_MIN_TOP1_AGREEMENT``). The integer GEMM peak of
+this CPU (#10) is ~3x the float32 one, but activations are quantised per call and element-wise work stays float32,
+so 1.8x is what is left of it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from benchmarks.world import get_world
 
 NAME = "int8"
 TITLE = "int8 (CPU) / fp16 (CUDA) graphs vs fp32"
-TARGET = "int8: speed-up and top-1 agreement; fp16 when a GPU is lent"
+TARGET = "int8 >= 1.8x fp32 at batch 8 with the export bounds held; fp16 when a GPU is lent"
+MIN_INT8_SPEEDUP = 1.8
+TARGET_BATCH = 8
+
+
+def export_bounds_held(model_dir, variant: str) -> bool:
+    """The exporter's validation of ``variant`` passed (as recorded in the folder's manifest)."""
+    import json
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    return bool(manifest.get("validation", {}).get(variant, {}).get("passed"))
 
 
 def outputs(sess, pixels: np.ndarray, bank: dict[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
@@ -54,24 +69,33 @@ def measure(cfg: Config) -> dict[str, Any]:
             task_agree = int(np.sum(o["task"] == ref["task"]))
             top1_agree = int(np.sum(o["logits"].argmax(-1) == ref["logits"].argmax(-1)))
             size = {k: (w.exported(k) / "model.onnx").stat().st_size / 2**20 for k in ("fp32", v)}
+            held = None
+            if v == "int8":
+                from diki_edge_export.validate import INT8_MIN_COSINE, INT8_MIN_TOP1_AGREEMENT
+
+                held = (export_bounds_held(w.exported(v), v) and float(cos.min()) >= INT8_MIN_COSINE
+                        and top1_agree / n >= INT8_MIN_TOP1_AGREEMENT)
             rows.append({
                 "model": model.split("/")[-1], "variant": v, "batch": batch,
                 "fp32": t["fp32"].fmt(), "reduced": t[v].fmt(),
                 "speed-up": f"{r['of_medians']:.2f}x (rounds {r['round_min']:.2f}–{r['round_max']:.2f})",
                 "agreement (fam+unf)": f"task {task_agree}/{n}, top-1 {top1_agree}/{n}, min cos {cos.min():.4f}",
                 "graph size": f"{size[v]:.0f} vs {size['fp32']:.0f} MiB",
-                "met": None,
+                "bounds held": "" if held is None else ("yes" if held else "NO"),
+                "met": (r["of_medians"] >= MIN_INT8_SPEEDUP and held) if v == "int8" and batch == TARGET_BATCH
+                else None,
                 "data": {"fp32": t["fp32"].to_json(), v: t[v].to_json(), "ratio": r, "task_agree": task_agree,
                          "top1_agree": top1_agree, "n": n, "min_cosine": float(cos.min()),
-                         "mean_cosine": float(cos.mean()), "size_mib": size},
+                         "mean_cosine": float(cos.mean()), "size_mib": size, "bounds_held": held},
             })
     if cfg.provider != "cuda":
         rows.append({"model": model.split("/")[-1], "variant": "fp16", "batch": "-", "fp32": "", "reduced": "",
                      "speed-up": "n/a: no GPU lent (CPU has no fp16 kernels worth timing)",
-                     "agreement (fam+unf)": "", "graph size": "", "met": None})
+                     "agreement (fam+unf)": "", "graph size": "", "bounds held": "", "met": None})
     notes.append("int8 = ONNX Runtime dynamic quantisation of the encoder MatMul/Gemm weights (per channel), "
                  "activations quantised per call; Gaussian scoring and class table stay float32")
-    cols = ["model", "variant", "batch", "fp32", "reduced", "speed-up", "agreement (fam+unf)", "graph size"]
+    cols = ["model", "variant", "batch", "fp32", "reduced", "speed-up", "agreement (fam+unf)", "graph size",
+            "bounds held"]
     return make_result(NAME, TITLE, TARGET, cols, rows, notes, extra={"model": model})
 
 

@@ -3,7 +3,11 @@
 Timing rules (the machines are shared and noisy): every figure is the median of repeated runs after warm-up, and
 min / median / max are always recorded. Two things that are compared are timed *side by side*, interleaved
 (A, B, A, B, ...), so that a burst of load from another process hits both; the ratio reported is the ratio of the
-medians (and the median of the per-round ratios is kept as a cross-check).
+medians (and the median of the per-round ratios is kept as a cross-check). Interleaving is not enough on a loaded
+machine (a busy machine slows PyTorch's thread pool far more than ONNX Runtime's), so every block of rounds also
+records the machine's load (:mod:`benchmarks.load`): a contended block marks its rows ``contended``, and such rows
+never claim a target. With ``--require-quiet`` (:func:`configure_load`) a block waits for a quiet machine first
+and is repeated when it was contended anyway; :class:`~benchmarks.load.MachineBusy` ends the wait.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from benchmarks.load import LoadMeter, LoadWindow, MachineBusy, describe_load
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -39,6 +45,8 @@ class Config:
     repeats: int = 5  # timed rounds per measurement (medians of these)
     slow_repeats: int = 3  # for measurements that take seconds each (re-export, text re-encoding, cold start)
     threads: int = 0  # 0: every core this process may use
+    require_quiet: bool = False  # wait (bounded) for a quiet machine before each block of rounds, repeat contended
+    quiet_timeout_s: float = 600.0  # the longest wait for a quiet machine before MachineBusy
     provider: str = "cpu"
     quick: bool = False
     tiny: bool = False
@@ -83,12 +91,63 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# --------------------------------------------------------------------------------------------- load
+@dataclass
+class LoadPolicy:
+    """How timed blocks treat the machine's load (set once per run by :func:`configure_load`)."""
+
+    meter: LoadMeter
+    require_quiet: bool = False
+    quiet_timeout_s: float = 600.0
+    retries: int = 2  # extra tries of a contended block under require_quiet
+
+
+LOAD = LoadPolicy(LoadMeter(threads=0, usable_cores=0))
+
+
+def configure_load(cfg: "Config", meter: LoadMeter | None = None) -> LoadPolicy:
+    """Point the timing helpers at ``cfg``'s threads and quiet policy (``meter``: tests pass a fake one)."""
+    global LOAD
+    LOAD = LoadPolicy(meter or LoadMeter(cfg.n_threads, available_cores()), cfg.require_quiet, cfg.quiet_timeout_s)
+    return LOAD
+
+
+def _current_meter() -> LoadMeter:
+    if LOAD.meter.threads == 0:  # never configured (a bench module run on its own): all usable cores
+        LOAD.meter = LoadMeter(available_cores(), available_cores())
+    return LOAD.meter
+
+
+def under_load_watch(block: Callable[[], Any]) -> tuple[Any, LoadWindow]:
+    """Run ``block`` (one block of timed rounds) and return its value with the load it ran under.
+
+    Under ``require_quiet``: wait for a quiet machine first, and repeat a contended block up to ``retries`` times;
+    a block still contended after that raises :class:`MachineBusy` (its figures would not be quiet ones).
+    """
+    meter = _current_meter()
+    for attempt in range(1 + (LOAD.retries if LOAD.require_quiet else 0)):
+        if LOAD.require_quiet:
+            meter.wait_quiet(LOAD.quiet_timeout_s)
+        before = meter.read()
+        value = block()
+        window = meter.window(before)
+        if not (LOAD.require_quiet and window.contended):
+            return value, window
+    raise MachineBusy(f"timed rounds stayed contended in {1 + LOAD.retries} tries: {window.describe()}")
+
+
 # --------------------------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
-    """Seconds of repeated runs (after warm-up); reported in milliseconds."""
+    """Seconds of repeated runs (after warm-up); reported in milliseconds. ``load``: the machine's load over
+    the block of rounds these samples came from (shared by every side of a side-by-side block)."""
 
     samples: list[float]
+    load: LoadWindow | None = None
+
+    @property
+    def contended(self) -> bool:
+        return bool(self.load and self.load.contended)
 
     @property
     def median(self) -> float:
@@ -104,7 +163,8 @@ class Timing:
 
     def to_json(self) -> dict[str, Any]:
         return {"unit": "ms", "n": len(self.samples), "min": self.min * 1e3, "median": self.median * 1e3,
-                "max": self.max * 1e3, "samples": [round(s * 1e3, 4) for s in self.samples]}
+                "max": self.max * 1e3, "samples": [round(s * 1e3, 4) for s in self.samples],
+                "load": self.load.to_json() if self.load else None}
 
     def fmt(self, scale: float = 1e3, unit: str = "ms") -> str:
         """``median [min–max] unit``"""
@@ -124,12 +184,17 @@ def _num(x: float) -> str:
 def time_fn(fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return Timing(samples)
+
+    def rounds() -> list[float]:
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+    samples, window = under_load_watch(rounds)
+    return Timing(samples, window)
 
 
 def time_side_by_side(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, Timing]:
@@ -141,14 +206,19 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], warmup: int, repeats: i
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            samples[n].append(time.perf_counter() - t0)
-    return {n: Timing(s) for n, s in samples.items()}
+
+    def rounds() -> dict[str, list[float]]:
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            for n in order:
+                t0 = time.perf_counter()
+                fns[n]()
+                samples[n].append(time.perf_counter() - t0)
+        return samples
+
+    samples, window = under_load_watch(rounds)
+    return {n: Timing(s, window) for n, s in samples.items()}
 
 
 def ratio(a: Timing, b: Timing) -> dict[str, float]:
@@ -323,7 +393,21 @@ def make_result(name: str, title: str, target: str, columns: list[str], rows: li
 
     ``rows``: one dict per table row, with the ``columns`` as keys (display strings or numbers) plus ``met``
     (True / False / None = report only) and any raw figures under ``data``.
+
+    Load: every row whose ``data`` holds a :meth:`Timing.to_json` gets ``load`` (table text) and ``contended``
+    (True when any of its blocks of rounds was); the result is ``contended`` when any row is, and a ``load``
+    column is added to the table.
     """
+    for row in rows:
+        windows = load_windows(row.get("data"))
+        if windows:
+            worst = max(windows, key=lambda w: (w["contended"], w["load"] or 0.0))
+            row["contended"] = worst["contended"]
+            row["load"] = describe_load(worst)
+    if any("load" in r for r in rows) and "load" not in columns:
+        columns = [*columns, "load"]
+        for r in rows:
+            r.setdefault("load", "")
     mets = [r.get("met") for r in rows if r.get("met") is not None]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -333,9 +417,36 @@ def make_result(name: str, title: str, target: str, columns: list[str], rows: li
         "columns": columns,
         "rows": rows,
         "met": (all(mets) if mets else None),
+        "contended": any(r.get("contended") for r in rows),
         "notes": list(notes or []),
         **(extra or {}),
     }
+
+
+def load_windows(data: Any) -> list[dict[str, Any]]:
+    """Every load record (:meth:`LoadWindow.to_json`) inside a row's raw figures, however deeply nested."""
+    found: list[dict[str, Any]] = []
+    if isinstance(data, dict):
+        load = data.get("load")
+        if isinstance(load, dict) and "contended" in load:
+            found.append(load)
+        for k, v in data.items():
+            if k != "load":
+                found += load_windows(v)
+    elif isinstance(data, (list, tuple)):
+        for v in data:
+            found += load_windows(v)
+    return found
+
+
+def claim(result: dict[str, Any]) -> str:
+    """What a result may claim: ``met`` / ``missed`` / ``report``, or ``contended`` when a target was measured on
+    a busy machine (its figures claim nothing either way)."""
+    if result.get("met") is None:
+        return "report"
+    if result.get("contended"):
+        return "contended"
+    return "met" if result["met"] else "missed"
 
 
 def write_result(result: dict[str, Any], out_dir: Path) -> Path:
@@ -362,7 +473,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def mark(met: bool | None) -> str:
+def mark(met: bool | None, contended: bool = False) -> str:
+    if contended and met is not None:
+        return "[yellow]contended: no claim[/yellow]"
     return "[green]met[/green]" if met else ("[dim]report[/dim]" if met is None else "[red]MISSED[/red]")
 
 
@@ -378,7 +491,7 @@ def render(result: dict[str, Any], console=None) -> None:
         table.add_column(c, no_wrap=False)
     table.add_column("target")
     for row in result["rows"]:
-        table.add_row(*[str(row.get(c, "")) for c in result["columns"]], mark(row.get("met")))
+        table.add_row(*[str(row.get(c, "")) for c in result["columns"]], mark(row.get("met"), row.get("contended")))
     console.print(table)
     for n in result.get("notes", []):
         console.print(f"  [dim]• {n}[/dim]")

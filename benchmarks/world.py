@@ -215,12 +215,20 @@ class World:
     @cached_property
     def plain_encoder_path(self) -> Path:
         """A plain single-pass CLIP image encoder (normalised embedding), exported the same way as the graph:
-        TorchScript exporter, opset 18, constant folding, dynamic batch, the MHA fast path disabled."""
-        path = self.dir / "plain_image_encoder.onnx"
+        TorchScript exporter, opset 18, constant folding, dynamic batch, the MHA fast path disabled, and the
+        exporter's attention rewrite (``static_reshapes``), so that it is exactly the calibrated graph's pass 1."""
+        path = self.dir / "plain_image_encoder_rewrite.onnx"
         if path.is_file():
             return path
         export_plain_encoder(self.backbone.model, self.image_size, path)
         return path
+
+    @cached_property
+    def plain_encoder_ort_optimized(self) -> tuple[Path | None, dict[str, int]]:
+        """The plain encoder after ONNX Runtime's transformer optimizer (``onnxruntime.transformers``), when it
+        fuses anything: ``(path, fused op counts)``, or ``(None, counts)`` when it does not apply."""
+        return ort_transformer_optimized(self.plain_encoder_path, self.dir / "plain_image_encoder_ortopt.onnx",
+                                         self.backbone.model.visual)
 
     def checkpoint(self) -> Path:
         """The random weights as a safetensors checkpoint, as a user of the PyTorch path would load them."""
@@ -246,7 +254,7 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
     import torch
     import torch.nn.functional as F
     from diki_edge_export.exporter import _unwrapped_copy
-    from diki_edge_export.graph import mha_fastpath_disabled
+    from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
     from torch import nn
 
     class Plain(nn.Module):
@@ -259,7 +267,7 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
 
     plain = Plain(_unwrapped_copy(clip)).eval()
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad(), mha_fastpath_disabled(), warnings.catch_warnings():
+    with torch.no_grad(), mha_fastpath_disabled(), static_reshapes(plain.clip.visual), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(plain, (torch.randn(2, 3, *image_size),), str(tmp), input_names=["pixel_values"],
                           output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "B"},
@@ -267,6 +275,35 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     tmp.replace(path)
     del copy
+
+
+def ort_transformer_optimized(src: Path, dest: Path, visual) -> tuple[Path | None, dict[str, int]]:
+    """``onnxruntime.transformers.optimizer.optimize_model`` (model type ``vit``) of ``src`` into ``dest``.
+
+    Returns ``(dest, fused op counts)`` when the optimizer fused at least one attention or normalisation
+    pattern, else ``(None, counts)``: the graph ONNX Runtime's session-level fusions already see is then all
+    there is, and a second copy would only time the same thing twice.
+    """
+    import json
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    stats_path = dest.with_suffix(".json")
+    if stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        return (dest if dest.is_file() else None), stats
+    width = visual.transformer.width
+    heads = visual.transformer.resblocks[0].attn.num_heads
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = optimize_model(str(src), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    applies = any(stats.get(k) for k in ("Attention", "MultiHeadAttention", "SkipLayerNormalization",
+                                         "LayerNormalization", "Gelu", "BiasGelu", "FastGelu"))
+    if applies:
+        model.save_model_to_file(str(dest))
+    stats_path.write_text(json.dumps(stats))
+    return (dest if applies else None), stats
 
 
 _WORLDS: dict[tuple[str, str], World] = {}

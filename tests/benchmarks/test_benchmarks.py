@@ -18,8 +18,8 @@ from benchmarks.__main__ import OWN, main  # noqa: E402
 
 MACHINE_KEYS = {"cpu_model", "usable_cores", "logical_cpus", "memory_gib", "python", "torch_version",
                 "onnxruntime_version", "numpy_version", "open_clip_version", "loadavg_at_start"}
-RESULT_KEYS = {"schema_version", "name", "title", "target", "columns", "rows", "met", "notes", "number",
-               "seconds", "machine", "config", "command", "finished"}
+RESULT_KEYS = {"schema_version", "name", "title", "target", "columns", "rows", "met", "contended", "notes",
+               "number", "seconds", "machine", "config", "command", "finished"}
 
 
 @pytest.fixture(scope="module")

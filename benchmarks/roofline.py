@@ -1,0 +1,162 @@
+"""The roofline's two ends: how much work a graph does, and how fast this machine can do that kind of work.
+
+* :func:`count_graph_flops` counts the floating-point operations of one run of an ONNX graph from the shapes its
+  MatMul / Gemm / Conv nodes (and their quantised forms) actually ran with: ONNX Runtime's profiler records every
+  node's input and output shapes, so data-dependent shapes — the calibrated graph's pass-2 sub-batch, empty for
+  unfamiliar images — are counted as they happened, not guessed. The count runs with graph optimisations off so
+  nodes keep their ONNX meaning. One multiply-add = 2 FLOP; element-wise work (softmax, LayerNorm, GELU, bias)
+  is left out, as in the usual GFLOP figures of a ViT (ViT-B/16 at 224 px: ~35 GFLOP).
+* :func:`measure_peak` times one large GEMM through ONNX Runtime, in a session configured like the runtime's,
+  on the same threads: float32 ``MatMul`` (MLAS SGEMM) and uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel
+  dynamic int8 quantisation runs; AVX512-VNNI / AVX-VNNI / AMX where the CPU has them).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Timing, ort_session, time_fn
+
+# ops whose multiply-adds are counted; everything else is element-wise or data movement
+MATMUL_OPS = {"MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"}
+GEMM_OPS = {"Gemm", "FusedGemm"}
+CONV_OPS = {"Conv", "FusedConv", "ConvInteger"}
+PEAK_SIZE = 4096  # M = N = K of the peak GEMM: 137 GFLOP, large enough for every kernel to reach steady state
+ISA_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def _shapes(records: list[dict[str, list[int]]]) -> list[list[int]]:
+    """``[{"float": [1, 197, 768]}, ...]`` (the profiler's ``input_type_shape``) -> ``[[1, 197, 768], ...]``."""
+    return [list(next(iter(r.values()))) for r in records]
+
+
+def node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]], attrs: dict[str, Any]) -> int:
+    """Multiply-add FLOP of one node run with these shapes (0 for ops that are not counted)."""
+    if op in MATMUL_OPS:
+        a, out = inputs[0], outputs[0]
+        return 2 * math.prod(out) * (a[-1] if a else 1)
+    if op in GEMM_OPS:
+        a, out = inputs[0], outputs[0]
+        k = a[0] if attrs.get("transA", 0) else a[1]
+        return 2 * math.prod(out) * k
+    if op in CONV_OPS:
+        w, out = inputs[1], outputs[0]
+        return 2 * math.prod(out) * math.prod(w[1:])  # w: [C_out, C_in / groups, *kernel]
+    return 0
+
+
+def count_graph_flops(model_path: Path | str, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, Any]:
+    """FLOP of one run of ``model_path`` on ``feeds``, from the shapes ONNX Runtime's profiler recorded.
+
+    Returns the total, the total per op type, and the number of counted node runs.
+    """
+    import json
+
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node}
+    with tempfile.TemporaryDirectory(prefix="flops-") as tmp:
+        sess = ort_session(model_path, threads=threads, opt_level="disable", profile_prefix=str(Path(tmp) / "p"))
+        sess.run(None, feeds)
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, int] = {}
+    counted = 0
+    for ev in trace:
+        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+            continue
+        args = ev.get("args", {})
+        op = args.get("op_name", "")
+        if op not in MATMUL_OPS | GEMM_OPS | CONV_OPS:
+            continue
+        node = ev["name"][: -len("_kernel_time")]
+        f = node_flops(op, _shapes(args.get("input_type_shape", [])), _shapes(args.get("output_type_shape", [])),
+                       attrs.get(node, {}))
+        by_op[op] = by_op.get(op, 0) + f
+        counted += 1
+    if not counted:
+        raise ValueError(f"{model_path}: the profiler recorded no MatMul/Gemm/Conv node (nothing to count)")
+    return {"flop": sum(by_op.values()), "by_op": by_op, "node_runs": counted}
+
+
+def torch_flops(fn) -> int:
+    """FLOP of ``fn()`` as PyTorch's own counter sees it (``torch.utils.flop_counter``): a cross-check of
+    :func:`count_graph_flops` from the other side of the export."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------- the peak
+def gemm_model(path: Path, n: int, kind: str) -> Path:
+    """One ``n x n x n`` GEMM as an ONNX graph: ``A`` an input, ``B`` a constant (as weights are in the exported
+    graphs, so ONNX Runtime pre-packs it). ``kind``: ``fp32`` (MatMul) or ``int8`` (MatMulInteger u8 x s8)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if kind == "fp32":
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        a_type, y_type, op = TensorProto.FLOAT, TensorProto.FLOAT, "MatMul"
+    elif kind == "int8":
+        b = rng.integers(-127, 128, (n, n), dtype=np.int8)
+        a_type, y_type, op = TensorProto.UINT8, TensorProto.INT32, "MatMulInteger"
+    else:
+        raise ValueError(f"unknown GEMM kind {kind!r} (fp32 or int8)")
+    graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"], name="gemm")], f"peak_{kind}",
+                              [helper.make_tensor_value_info("A", a_type, [n, n])],
+                              [helper.make_tensor_value_info("Y", y_type, [n, n])],
+                              initializer=[numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path))
+    return path
+
+
+def gemm_input(n: int, kind: str) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    if kind == "fp32":
+        return rng.standard_normal((n, n), dtype=np.float32)
+    return rng.integers(0, 256, (n, n), dtype=np.uint8)
+
+
+def measure_peak(kind: str, threads: int, n: int = PEAK_SIZE, warmup: int = 1, repeats: int = 5) -> dict[str, Any]:
+    """GFLOP/s (int8: GOP/s) of one ``n``-cube GEMM through ONNX Runtime on ``threads`` threads."""
+    with tempfile.TemporaryDirectory(prefix="peak-") as tmp:
+        path = gemm_model(Path(tmp) / f"gemm_{kind}.onnx", n, kind)
+        sess = ort_session(path, threads)
+        a = gemm_input(n, kind)
+        t: Timing = time_fn(lambda: sess.run(None, {"A": a}), warmup, repeats)
+    flop = 2 * n**3
+    return {"kind": kind, "n": n, "threads": threads, "gflop": flop / 1e9, "gflops": flop / t.median / 1e9,
+            "gflops_best": flop / t.min / 1e9, "timing": t}
+
+
+@lru_cache(maxsize=None)
+def cpu_flags() -> tuple[str, ...]:
+    """The ISA extensions of :data:`ISA_FLAGS` this CPU reports (``/proc/cpuinfo``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return tuple(f for f in ISA_FLAGS if f in flags)
+    except OSError:
+        pass
+    return ()
+
+
+def int8_kernel() -> str:
+    """Which MLAS QGEMM kernel family ONNX Runtime dispatches u8 x s8 GEMMs to on this CPU (by its flags)."""
+    flags = cpu_flags()
+    for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
+                       ("avx512f", "AVX512 (no VNNI)"), ("avx2", "AVX2 (no VNNI)")):
+        if flag in flags:
+            return name
+    return "generic"
