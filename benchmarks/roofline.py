@@ -87,11 +87,28 @@ def count_graph_flops(model_path: Path | str, feeds: dict[str, np.ndarray], thre
 
 def torch_flops(fn) -> int:
     """FLOP of ``fn()`` as PyTorch's own counter sees it (``torch.utils.flop_counter``): a cross-check of
-    :func:`count_graph_flops` from the other side of the export."""
-    from torch.utils.flop_counter import FlopCounterMode
+    :func:`count_graph_flops` from the other side of the export.
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    The counter (torch 2.14) has no formula for two CPU kernels on the calibrated model's path:
+    ``nn.MultiheadAttention``'s inference fast path (one fused op: projections and attention would go uncounted),
+    which is therefore off while counting — the work is the same — and the CPU flash-attention kernel behind
+    ``scaled_dot_product_attention``, which gets the counter's own SDPA formula.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mha = torch.backends.mha
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention}
+    try:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            fn()
+    finally:
+        mha.set_fastpath_enabled(previous)
     return int(counter.get_total_flops())
 
 

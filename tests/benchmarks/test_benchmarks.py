@@ -82,3 +82,34 @@ def test_params_figure_matches_issue():
     from benchmarks.bench_params import count
 
     assert count("ViT-B-16", 11)["per_task"] == 163_840
+
+
+def test_roofline_counts_and_peaks(tiny_results):
+    """#10 on the tiny model: both peaks measured, every path's work counted from its graph, and PyTorch's own
+    counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
+    out, _, _ = tiny_results
+    res = json.loads((out / "roofline.json").read_text())
+    assert res["peaks"]["fp32"]["gflops"] > 0 and res["peaks"]["int8"]["gflops"] > 0
+    counts = next(iter(res["gflop_per_image"].values()))
+    onnx_familiar = counts["calibrated fp32, familiar"]
+    torch_familiar = next(v for k, v in counts.items() if k.startswith("PyTorch"))
+    assert torch_familiar == pytest.approx(onnx_familiar, rel=1e-3)
+    # familiar images run pass 2, unfamiliar ones skip it: about twice the work of the plain encoder
+    assert onnx_familiar == pytest.approx(2 * counts["plain encoder (rewrite)"], rel=0.05)
+    assert counts["calibrated fp32, unfamiliar"] == pytest.approx(counts["plain encoder (rewrite)"], rel=0.05)
+    for row in res["rows"]:
+        d = row["data"]
+        if "gflops" in d and "fraction_of_peak" in d:
+            peak = res["peaks"][d["peak"]]["gflops"]
+            assert d["fraction_of_peak"] == pytest.approx(d["gflops"] / peak)
+        assert row["load"].startswith(("quiet", "CONTENDED"))
+
+
+def test_latency_records_pytorch_settings(tiny_results):
+    out, _, _ = tiny_results
+    res = json.loads((out / "latency.json").read_text())
+    for row in res["rows"]:
+        eager = row["data"]["pytorch_eager"]
+        assert eager["chosen"] in eager["trial"] and row["pytorch setting"] == eager["chosen"]
+        assert eager["threads"]["intra_op_threads"] == row["data"]["threads"]
+        assert row["met"] is None  # the ratio to PyTorch is reported, not targeted

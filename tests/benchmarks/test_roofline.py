@@ -115,3 +115,23 @@ def test_onnx_count_matches_pytorch_counter(tmp_path):
     onnx_flop = count_graph_flops(path, {"x": x.numpy()})["flop"]
     assert onnx_flop == torch_flops(lambda: model(x))
     assert onnx_flop == 2 * (3 * 8 * 4 * 4 * 3 * 4 * 4 + 3 * 128 * 32 + 3 * 32 * 10)
+
+
+def test_pytorch_counter_sees_attention_on_the_inference_fast_path():
+    """``nn.MultiheadAttention`` under ``inference_mode`` takes a fused fast path; its work is still counted."""
+    import torch
+    from torch import nn
+
+    from benchmarks.roofline import torch_flops
+
+    b, n, e = 2, 5, 16
+    mha = nn.MultiheadAttention(e, 2, batch_first=True).eval()
+    x = torch.randn(b, n, e)
+    expect = 2 * b * n * e * 3 * e + 2 * (2 * b * n * n * e) + 2 * b * n * e * e  # in-proj, QK^T + AV, out-proj
+
+    def run():
+        with torch.inference_mode():
+            mha(x, x, x, need_weights=False)
+
+    assert torch_flops(run) == expect
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
