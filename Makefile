@@ -49,7 +49,7 @@ system-data:
 	  else echo "note: apt-get install dataset-fashion-mnist fonts-noto-color-emoji to run every dataset test"; fi; fi
 
 bench: env
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --require-quiet
 
 bench-quick: env
 	$(BIN)/python -m benchmarks --quick

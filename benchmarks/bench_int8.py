@@ -6,10 +6,10 @@ configured like the runtime's, interleaved. Agreement over familiar and unfamili
 class, minimum cosine of the final embeddings. fp16 only when a GPU is lent (``--provider cuda``).
 
 Target (set from the hardware, issue 14): int8 >= 1.8x the fp32 graph at batch 8, with the export's int8 bounds
-held — the exporter's own validation passed (``manifest.json``) and the benchmark's images stay within the same
-bounds (``diki_edge_export.validate.INT8_MIN_COSINE``, ``INT8_MIN_TOP1_AGREEMENT``). The integer GEMM peak of
-this CPU (#10) is ~3x the float32 one, but activations are quantised per call and element-wise work stays float32,
-so 1.8x is what is left of it.
+held — the exporter's own validation passed (``manifest.json``: embedding cosine and top-1 agreement on real
+photos) and the benchmark's images keep the cosine bound (``diki_edge_export.validate.INT8_MIN_COSINE``). Top-1
+agreement on the benchmark's images is reported, not bounded: their class table is random unit vectors, whose
+top-2 logit margins (0.04-1.1 at logit scale 100 on ViT-B/32) a 0.9998-cosine embedding can cross.
 """
 
 from __future__ import annotations
@@ -71,10 +71,9 @@ def measure(cfg: Config) -> dict[str, Any]:
             size = {k: (w.exported(k) / "model.onnx").stat().st_size / 2**20 for k in ("fp32", v)}
             held = None
             if v == "int8":
-                from diki_edge_export.validate import INT8_MIN_COSINE, INT8_MIN_TOP1_AGREEMENT
+                from diki_edge_export.validate import INT8_MIN_COSINE
 
-                held = (export_bounds_held(w.exported(v), v) and float(cos.min()) >= INT8_MIN_COSINE
-                        and top1_agree / n >= INT8_MIN_TOP1_AGREEMENT)
+                held = export_bounds_held(w.exported(v), v) and float(cos.min()) >= INT8_MIN_COSINE
             rows.append({
                 "model": model.split("/")[-1], "variant": v, "batch": batch,
                 "fp32": t["fp32"].fmt(), "reduced": t[v].fmt(),
