@@ -6,9 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine_line
+from benchmarks.common import RESULTS_DIR, claim, machine_line
 
-ORDER = ["latency", "calibration_overhead", "text_table", "reexport", "scaling", "cold_start", "int8", "params"]
+ORDER = ["latency", "calibration_overhead", "text_table", "reexport", "scaling", "cold_start", "int8", "roofline",
+         "params"]
 
 
 def markdown(folder: Path) -> str:
@@ -24,13 +25,16 @@ def markdown(folder: Path) -> str:
     for r in results:
         if "rows" not in r:
             continue
-        verdict = {True: "met", False: "**missed**", None: "report"}[r.get("met")]
+        verdict = {"met": "met", "missed": "**missed**", "report": "report",
+                   "contended": "**contended: no claim**"}[claim(r)]
         out.append(f"#### #{r.get('number', '?')} {r['title']} — target: {r['target']} — {verdict}\n")
         cols = r["columns"] + ["target"]
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
         for row in r["rows"]:
             met = {True: "met", False: "**missed**", None: ""}[row.get("met")]
+            if row.get("contended") and row.get("met") is not None:
+                met = "contended: no claim"
             cells = [str(row.get(c, "")).replace("|", "/") for c in r["columns"]] + [met]
             out.append("| " + " | ".join(cells) + " |")
         for n in r.get("notes", []):

@@ -6,8 +6,8 @@
   unfamiliar images — are counted as they happened, not guessed. The count runs with graph optimisations off so
   nodes keep their ONNX meaning. One multiply-add = 2 FLOP; element-wise work (softmax, LayerNorm, GELU, bias)
   is left out, as in the usual GFLOP figures of a ViT (ViT-B/16 at 224 px: ~35 GFLOP).
-* :func:`measure_peak` times one large GEMM through ONNX Runtime, in a session configured like the runtime's,
-  on the same threads: float32 ``MatMul`` (MLAS SGEMM) and uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel
+* :class:`PeakGemm` is one large GEMM through ONNX Runtime, in a session configured like the runtime's, on the
+  same threads, timed in the same rounds as the graphs it bounds: float32 ``MatMul`` (MLAS SGEMM) and uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel
   dynamic int8 quantisation runs; AVX512-VNNI / AVX-VNNI / AMX where the CPU has them).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Timing, ort_session, time_fn
+from benchmarks.common import Timing, ort_session
 
 # ops whose multiply-adds are counted; everything else is element-wise or data movement
 MATMUL_OPS = {"MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"}
@@ -144,16 +144,22 @@ def gemm_input(n: int, kind: str) -> np.ndarray:
     return rng.integers(0, 256, (n, n), dtype=np.uint8)
 
 
-def measure_peak(kind: str, threads: int, n: int = PEAK_SIZE, warmup: int = 1, repeats: int = 5) -> dict[str, Any]:
-    """GFLOP/s (int8: GOP/s) of one ``n``-cube GEMM through ONNX Runtime on ``threads`` threads."""
-    with tempfile.TemporaryDirectory(prefix="peak-") as tmp:
-        path = gemm_model(Path(tmp) / f"gemm_{kind}.onnx", n, kind)
-        sess = ort_session(path, threads)
-        a = gemm_input(n, kind)
-        t: Timing = time_fn(lambda: sess.run(None, {"A": a}), warmup, repeats)
-    flop = 2 * n**3
-    return {"kind": kind, "n": n, "threads": threads, "gflop": flop / 1e9, "gflops": flop / t.median / 1e9,
-            "gflops_best": flop / t.min / 1e9, "timing": t}
+class PeakGemm:
+    """One ``n``-cube GEMM through ONNX Runtime on ``threads`` threads, ready to be timed beside the graphs it
+    bounds (in the same rounds, so the peak and the paths see the same load). ``flop``: 2 n^3."""
+
+    def __init__(self, kind: str, threads: int, n: int = PEAK_SIZE):
+        self.kind, self.n, self.flop = kind, n, 2 * n**3
+        self._tmp = tempfile.TemporaryDirectory(prefix="peak-")
+        self.session = ort_session(gemm_model(Path(self._tmp.name) / f"gemm_{kind}.onnx", n, kind), threads)
+        self.feeds = {"A": gemm_input(n, kind)}
+
+    def run(self) -> None:
+        self.session.run(None, self.feeds)
+
+    def rate(self, timing: Timing) -> float:
+        """GFLOP/s (int8: GOP/s) at the timing's median."""
+        return self.flop / timing.median / 1e9
 
 
 @lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.roofline import count_graph_flops, gemm_input, gemm_model, measure_peak, node_flops
+from benchmarks.roofline import PeakGemm, count_graph_flops, gemm_input, gemm_model, node_flops
 
 
 def _save(tmp_path, nodes, inputs, outputs, inits, name="g.onnx"):
@@ -87,13 +87,16 @@ def test_peak_gemm_graphs_compute_a_gemm(tmp_path, kind):
     assert count_graph_flops(path, {"A": a})["flop"] == 2 * n**3
 
 
-def test_measure_peak_reports_rate_and_load():
-    p = measure_peak("fp32", threads=1, n=64, warmup=0, repeats=2)
-    assert p["gflop"] == pytest.approx(2 * 64**3 / 1e9)
-    assert p["gflops"] == pytest.approx(p["gflop"] / p["timing"].median)
-    assert p["timing"].load is not None
+def test_peak_gemm_rate_from_timed_rounds():
+    from benchmarks.common import time_fn
+
+    peak = PeakGemm("fp32", threads=1, n=64)
+    t = time_fn(peak.run, warmup=0, repeats=2)
+    assert peak.flop == 2 * 64**3
+    assert peak.rate(t) == pytest.approx(peak.flop / t.median / 1e9)
+    assert t.load is not None
     with pytest.raises(ValueError, match="unknown GEMM kind"):
-        measure_peak("fp8", threads=1, n=8)
+        PeakGemm("fp8", threads=1, n=8)
 
 
 def test_onnx_count_matches_pytorch_counter(tmp_path):
