@@ -125,7 +125,7 @@ def under_load_watch(block: Callable[[], Any]) -> tuple[Any, LoadWindow]:
     a block still contended after that raises :class:`MachineBusy` (its figures would not be quiet ones).
     """
     meter = _current_meter()
-    for attempt in range(1 + (LOAD.retries if LOAD.require_quiet else 0)):
+    for _ in range(1 + (LOAD.retries if LOAD.require_quiet else 0)):
         if LOAD.require_quiet:
             meter.wait_quiet(LOAD.quiet_timeout_s)
         before = meter.read()
