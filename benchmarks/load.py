@@ -136,6 +136,8 @@ class LoadWindow:
                 "other_cpu_s": _r(self.other_cpu_s), "wall_s": _r(self.wall_s), "threads": self.threads,
                 "usable_cores": self.usable_cores, "tolerance_cores": TOLERANCE_CORES,
                 "loadavg_before": self.before.loadavg, "loadavg_after": self.after.loadavg,
+                "all_cores_busy_s": [_r(self.before.busy_s), _r(self.after.busy_s)],
+                "own_cpu_s": [_r(self.before.own_s), _r(self.after.own_s)],
                 "source": "/proc/stat" if self.other_cores is not None else "loadavg"}
 
 

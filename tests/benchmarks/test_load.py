@@ -85,7 +85,9 @@ def test_contended_verdict_from_other_processes_cpu_time():
     busy = _window(others_cpu_s=10.0, own_cpu_s=10.0)  # one other busy thread
     assert busy.other_cores == pytest.approx(1.0) and busy.contended
     assert busy.load == pytest.approx(3.0)
-    assert busy.to_json()["contended"] is True and "CONTENDED" in busy.describe()
+    record = busy.to_json()
+    assert record["contended"] is True and "CONTENDED" in busy.describe()
+    assert record["all_cores_busy_s"] == [1000.0, 1020.0] and record["own_cpu_s"] == [50.0, 60.0]
     # one thread on two cores leaves room for another process's thread
     assert not _window(others_cpu_s=10.0, own_cpu_s=10.0, threads=1).contended
     # our own CPU time never counts against us, however busy we were
