@@ -284,6 +284,8 @@ def ort_transformer_optimized(src: Path, dest: Path, visual) -> tuple[Path | Non
     pattern, else ``(None, counts)``: the graph ONNX Runtime's session-level fusions already see is then all
     there is, and a second copy would only time the same thing twice.
     """
+    import contextlib
+    import io
     import json
     import logging
 
@@ -295,8 +297,13 @@ def ort_transformer_optimized(src: Path, dest: Path, visual) -> tuple[Path | Non
         return (dest if dest.is_file() else None), stats
     width = visual.transformer.width
     heads = visual.transformer.resblocks[0].attn.num_heads
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    model = optimize_model(str(src), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    # the optimizer's fusion modules log and print shape-inference notes of their own loggers; silence them only here
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = optimize_model(str(src), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    finally:
+        logging.disable(logging.NOTSET)
     stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     applies = any(stats.get(k) for k in ("Attention", "MultiHeadAttention", "SkipLayerNormalization",
                                          "LayerNormalization", "Gelu", "BiasGelu", "FastGelu"))
