@@ -3,9 +3,10 @@
 The machine's limit is measured, not looked up: one 4096-cube GEMM through ONNX Runtime on the same threads, in
 float32 (``MatMul``) and in int8 (``MatMulInteger``, the kernel dynamic quantisation runs) —
 :class:`benchmarks.roofline.PeakGemm` — timed in the same interleaved rounds as the paths, so that a fraction of
-the peak compares figures taken under the same load. Each path's work is counted from the shapes its MatMul / Gemm / Conv
-nodes ran with (:func:`benchmarks.roofline.count_graph_flops`; PyTorch's ``FlopCounterMode`` cross-checks the
-calibrated count). Paths, timed side by side on the same preprocessed pixels (graph runs; no image decoding):
+the peak compares figures taken under the same load. Each path's work is counted from the shapes its MatMul /
+Gemm / Conv nodes ran with (:func:`benchmarks.roofline.count_graph_flops`; PyTorch's ``FlopCounterMode``
+cross-checks the calibrated count). Paths, timed side by side on the same preprocessed pixels (graph runs; no
+image decoding):
 
 * calibrated graph, float32, familiar images (``M`` ~ 1: two encoder passes) and unfamiliar ones (pass 2 skipped);
 * calibrated graph, int8 (familiar);
@@ -56,8 +57,8 @@ def measure(cfg: Config) -> dict[str, Any]:
         ortopt, fused = w.plain_encoder_ort_optimized
         if ortopt is not None:
             graphs["plain encoder (rewrite + ORT optimizer)"] = ortopt
-        notes.append(f"{model}: ORT transformer optimizer (model_type vit) on the plain encoder fused {fused or 'nothing'}"
-                     + ("" if ortopt is not None else "; not timed separately"))
+        notes.append(f"{model}: ORT transformer optimizer (model_type vit) on the plain encoder fused "
+                     f"{fused or 'nothing'}" + ("" if ortopt is not None else "; not timed separately"))
         sessions = {k: ort_session(p, cfg.n_threads, cfg.provider) for k, p in graphs.items()}
         # (label, graph, image kind); the calibrated graph also on unfamiliar images (pass 2 skipped)
         paths = [("calibrated fp32, familiar", "calibrated fp32", "familiar"),

@@ -145,7 +145,8 @@ def describe_load(record: dict[str, Any]) -> str:
     """Table text of a :meth:`LoadWindow.to_json` record: ``quiet`` / ``CONTENDED`` and why."""
     la = record.get("loadavg_after")
     others = "" if record.get("other_cores") is None else f"others {record['other_cores']:.2f} cores, "
-    return f"{'CONTENDED' if record['contended'] else 'quiet'} ({others}{f'loadavg {la[0]:.2f}' if la else 'no loadavg'})"
+    loadavg = f"loadavg {la[0]:.2f}" if la else "no loadavg"
+    return f"{'CONTENDED' if record['contended'] else 'quiet'} ({others}{loadavg})"
 
 
 def _r(x: float | None) -> float | None:

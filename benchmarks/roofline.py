@@ -7,8 +7,9 @@
   nodes keep their ONNX meaning. One multiply-add = 2 FLOP; element-wise work (softmax, LayerNorm, GELU, bias)
   is left out, as in the usual GFLOP figures of a ViT (ViT-B/16 at 224 px: ~35 GFLOP).
 * :class:`PeakGemm` is one large GEMM through ONNX Runtime, in a session configured like the runtime's, on the
-  same threads, timed in the same rounds as the graphs it bounds: float32 ``MatMul`` (MLAS SGEMM) and uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel
-  dynamic int8 quantisation runs; AVX512-VNNI / AVX-VNNI / AMX where the CPU has them).
+  same threads, timed in the same rounds as the graphs it bounds: float32 ``MatMul`` (MLAS SGEMM) and
+  uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel dynamic int8 quantisation runs; AVX512-VNNI / AVX-VNNI /
+  AMX where the CPU has them).
 """
 
 from __future__ import annotations
