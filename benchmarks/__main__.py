@@ -69,6 +69,7 @@ EXTERNAL = [
     ("skip_pass", "bench_skip_pass.py"),
     ("bank_swap_runtime", "bench_bank_swap.py"),
     ("export_full_size", "export_full_size.py"),
+    ("hostile_images", "bench_hostile_images.py"),
 ]
 
 

@@ -13,6 +13,7 @@ import typer
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import DikiEdgeError
 from rich.console import Console
+from rich.markup import escape
 
 from diki_edge.evaluation.command import eval_command
 
@@ -20,7 +21,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -38,7 +39,7 @@ def train(
                                                   "5.0, or the backbone's recommendation: 50 for diki-tiny)."),
     template: str = typer.Option(DEFAULT_TEMPLATE, help="Prompt template; {} is the class name."),
     seed: int = typer.Option(0),
-    ridge: float = typer.Option(1e-7, min=0.0, help="Covariance ridge (a new bank only; a bank keeps its own)."),
+    ridge: float = typer.Option(1e-7, help="Covariance ridge (a new bank only; a bank keeps its own)."),
     levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -46,10 +47,11 @@ def train(
     """Learn one task from an image folder and append it to a bank (atomically)."""
     from diki_edge.train import TrainConfig, train_into_bank
 
-    if "{}" not in template:
-        fail(f"--template {template!r} has no '{{}}' for the class name", 2)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
-                      levels=levels)
+    try:  # every setting is checked before anything is loaded
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
+                          levels=levels)
+    except DikiEdgeError as exc:
+        fail(str(exc), 2)
     try:
         new_bank, report = train_into_bank(bank, data, task, model=model, pretrained=pretrained, cfg=cfg,
                                            replace=replace, quiet=quiet)

@@ -5,11 +5,19 @@ with ``M = 1``, by cross-entropy over the task's class prompts — the reference
 10 epochs, cosine to lr*1e-3, no weight decay). Earlier tasks are untouched by construction: they are not
 even loaded as parameters. The bank file is only replaced, atomically, once the task is complete, so a run
 killed mid-way leaves the previous bank as it was.
+
+Nothing is lost late: the settings are checked when a :class:`TrainConfig` is made (finite positive ``lr``,
+finite non-negative ``ridge``, a template with exactly one ``{}``), the bank path is checked writable with room
+for the result before any image is read, a loss that becomes NaN or infinite stops the run at once
+(:class:`~diki_edge.errors.TrainError`, the bank untouched), and if the final write still fails the trained task
+is saved as a one-task bank beside the bank (or in the temp folder) and the error names that file.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from diki_edge_runtime.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
-from diki_edge_runtime.errors import BankError
+from diki_edge_runtime.errors import BankError, DikiEdgeError
+from diki_edge_runtime.files import check_writable
 from diki_edge_runtime.gaussian import DEFAULT_RIDGE, GaussianStats
 
 from diki_edge.backbone import (
@@ -30,6 +39,7 @@ from diki_edge.backbone import (
 )
 from diki_edge.calibrated import calibration_levels, class_text_table, tokenize
 from diki_edge.data import ImageFolder, batches, load_tensors, scan_image_folder
+from diki_edge.errors import TrainError
 from diki_edge.layout import layout_for
 from diki_edge.model import DEFAULT_RESIDUAL_LENGTH, DikiCLIP, TaskAdapter
 from diki_edge.progress import make_progress
@@ -47,6 +57,46 @@ class TrainConfig:
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     levels: int = 9
     ridge: float = DEFAULT_RIDGE
+
+    def __post_init__(self) -> None:
+        problem = config_problem(self)
+        if problem:
+            raise TrainError(problem)
+
+
+def config_problem(cfg: TrainConfig) -> str | None:
+    """What is wrong with a training configuration, or None (see the module docstring)."""
+    if cfg.lr is not None and not (_finite(cfg.lr) and cfg.lr > 0):
+        return f"the learning rate must be a finite number > 0, got {cfg.lr}"
+    if not (_finite(cfg.ridge) and cfg.ridge >= 0):
+        return f"the covariance ridge must be a finite number >= 0, got {cfg.ridge}"
+    if not (_finite(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1):
+        return f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}"
+    if not (_finite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        return f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}"
+    for name in ("epochs", "batch_size", "residual_length"):
+        if getattr(cfg, name) < 1:
+            return f"{name} must be >= 1, got {getattr(cfg, name)}"
+    if cfg.levels < 2:
+        return f"levels must be >= 2, got {cfg.levels}"
+    return template_problem(cfg.template)
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a prompt template with exactly one ``{}`` for the class name, or None."""
+    marker = "\x00class\x00"
+    try:
+        filled = template.format(marker) if template.count("{}") == 1 else None
+    except (IndexError, KeyError, ValueError):
+        filled = None
+    if filled is None or filled.count(marker) != 1:
+        return (f"the template {template!r} must hold exactly one '{{}}' for the class name (and no other "
+                "braces; write '{{' and '}}' for literal ones)")
+    return None
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -87,6 +137,10 @@ def cross_entropy_loop(opt: torch.optim.Optimizer, logits_fn: Callable[[torch.Te
         for idx in batches(n, batch_size, generator):
             logits = logits_fn(idx)
             loss = F.cross_entropy(logits, labels[idx])
+            if not torch.isfinite(loss):  # stop now: every later step would only spread NaN
+                raise TrainError(f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, step "
+                                 f"{len(losses) + 1} (learning rate {opt.param_groups[0]['lr']:.3g}; try a lower "
+                                 "--lr); nothing was written")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,13 +243,40 @@ def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str,
     """``diki-edge train``: learn ``task_name`` from ``data_dir`` and append it to ``bank_path`` atomically."""
     cfg = cfg or TrainConfig()
     bank_path = Path(bank_path)
+    if not isinstance(task_name, str) or not task_name.strip():
+        raise TrainError(f"the task name must be a non-empty string, got {task_name!r}")
+    check_writable(bank_path, what="bank")  # before anything slow: folder, permissions
     folder = scan_image_folder(data_dir)
     bank, backbone, diki = open_or_create_bank(bank_path, model, pretrained, cfg)
     if task_name in bank.task_names and not replace:
         raise BankError(f"{bank_path}: a task named {task_name!r} exists already (use --replace to retrain it)")
+    # room for the bank with the new task, before any image is read
+    check_writable(bank_path, bank.expected_file_bytes() + bank.layout.task_bytes(len(folder.classes)), what="bank")
     torch.manual_seed(cfg.seed)
     with make_progress(quiet) as progress:
         task, report = train_task(backbone, diki, folder, task_name, cfg, bank.layout.calibration_levels, progress)
     new_bank = bank.with_task(task)
-    new_bank.save(bank_path)
+    save_or_rescue(new_bank, bank_path, task)
     return new_bank, report
+
+
+def save_or_rescue(new_bank: TaskBank, bank_path: Path, task: TaskSlice) -> None:
+    """Write ``new_bank`` to ``bank_path``; when that fails, save ``task`` alone as a one-task bank beside it (or in
+    the temp folder) and raise a :class:`TrainError` naming that file, so the trained task is never lost."""
+    try:
+        new_bank.save(bank_path)
+        return
+    except (DikiEdgeError, OSError) as exc:
+        failure = str(exc)
+    single = TaskBank.empty(new_bank.layout).with_task(task)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{bank_path.stem}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', task.info.name)}.rescued-{stamp}.safetensors"
+    for folder in (bank_path.parent, Path(tempfile.gettempdir())):
+        try:
+            rescued = single.save(folder / name)
+        except (DikiEdgeError, OSError):
+            continue
+        raise TrainError(f"{failure}; the trained task {task.info.name!r} was saved to {rescued} — add it with "
+                         f"`diki-edge bank merge OUT {bank_path} {rescued}` once there is room")
+    raise TrainError(f"{failure}; saving the trained task {task.info.name!r} beside the bank and in "
+                     f"{tempfile.gettempdir()} failed too")

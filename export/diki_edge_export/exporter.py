@@ -1,7 +1,9 @@
 """``export_model``: bank + backbone -> a validated, self-contained model folder (what
 diki_edge_runtime/predictor.py reads).
 
-Folder layout (written into a temporary sibling folder, renamed into place only after validation passed)::
+Folder layout (written into a temporary sibling folder, swapped into place only after validation passed, see
+:mod:`diki_edge_runtime.files`: at every instant the old or the new complete folder is at the path; staging
+folders of killed exports to the same path are removed by the next export)::
 
     model.onnx            the graph (model.onnx.data alongside when the graph exceeds 2 GB)
     bank.safetensors      a copy of the bank; TaskBank.load(...).graph_inputs() are the graph's bank inputs
@@ -26,6 +28,9 @@ Decisions (also in the README's architecture section):
   per call) of the encoder's MatMul/Gemm nodes. The Gaussian scoring, selection and class table read graph
   inputs and stay float32. Bound: embedding cosine with fp32 >= 0.98 for every image and top-1 agreement >= 90 %
   over the validation set — see ``validate.INT8_MIN_COSINE`` for the justification.
+* **--force** replaces only a diki-edge model folder (one holding ``manifest.json``); anything else at the path
+  (a file, a symlink, a folder of photos) is refused with a message naming what is there. Whether the output can
+  be written, with room for about the backbone's weights plus the bank, is checked before the export starts.
 * **fp16**: both encoder passes in float16 inside an otherwise float32 graph (the Gaussian log-densities reach
   1e5..1e6 and would overflow float16); inputs and outputs stay float32 so the runtime feeds the same arrays.
 """
@@ -36,7 +41,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from typing import Any
 
 from diki_edge_runtime.contract import (
     BANK_FILE,
+    MANIFEST_FILE,
     DEFAULT_OPSET,
     DEFAULT_SKIP_BELOW,
     EXTERNAL_DATA_FILE,
@@ -59,6 +64,7 @@ from diki_edge_runtime.contract import (
     resolved_io,
 )
 from diki_edge_runtime.errors import DikiEdgeError
+from diki_edge_runtime.files import check_writable, replace_dir, staging_dir
 
 from diki_edge_export.errors import ExportError
 
@@ -164,8 +170,33 @@ def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
+    """Refuse an output path that holds something ``--force`` must not replace (see the module docstring)."""
+    if not os.path.lexists(out_dir):
+        return
+    if not force:
         raise ExportError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
+    if out_dir.is_symlink():
+        raise ExportError(f"{out_dir} is a symlink (to {os.readlink(out_dir)}); --force replaces only a diki-edge "
+                          "model folder: pass the folder itself as --out")
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a diki-edge model folder; --force replaces only a model "
+                          "folder (one holding manifest.json)")
+    if not (out_dir / MANIFEST_FILE).is_file():
+        names = sorted(os.listdir(out_dir))
+        entries = "entry" if len(names) == 1 else "entries"
+        held = (f"holds {len(names)} {entries} ({', '.join(names[:5])}{', …' if len(names) > 5 else ''})" if names
+                else "is empty")
+        raise ExportError(f"{out_dir} {held} and no {MANIFEST_FILE}: not a diki-edge model folder; --force "
+                          "replaces only a model folder, so nothing else is ever deleted (remove it yourself or "
+                          "choose another --out)")
+
+
+def _expected_bytes(clip, bank_path: Path, precision: str) -> int:
+    """About the size of the model folder: the weights in the graph's precision (plus the float32 graph int8 is
+    derived from, which sits beside it while quantising) and the bank."""
+    params = sum(p.numel() for p in clip.parameters())
+    per_param = {"fp32": 4, "fp16": 2, "int8": 5}[precision]
+    return int(params * per_param + bank_path.stat().st_size)
 
 
 def _export_onnx(graph, example: tuple, path: Path, opset: int, dynamo: bool) -> None:
@@ -365,19 +396,12 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     plan = check_export(bank_path, out_dir, model=model, pretrained=pretrained, backbone=backbone,
                         precision=precision, force=force, opset=opset, dynamo=dynamo, skip_below=skip_below,
                         steps=steps)
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.out_dir.name}.tmp-", dir=plan.out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    with staging_dir(plan.out_dir) as tmp:  # removed again on any failure
         base_path = build_graph(plan, tmp, steps)
         validated = validate_graph(plan, base_path, tmp, steps)
         manifest = write_model_folder(plan, tmp, validated)
-        _move_into_place(tmp, plan.out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_out_dir(plan.out_dir, force)  # again: something may have appeared there while exporting
+        replace_dir(tmp, plan.out_dir)
     seconds = time.perf_counter() - t_start
     result = ExportResult(plan.out_dir, plan.out_dir / MODEL_FILE, manifest, seconds, dict(steps.timings))
     steps.console.print(f"[bold green]exported[/bold green] {plan.out_dir} ({precision}, "
@@ -398,6 +422,7 @@ def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     out_dir = Path(out_dir)
     bank_path = Path(bank_path)
     _check_out_dir(out_dir, force)
+    check_writable(out_dir, what="model folder", is_dir=True)  # folder and permissions, before any loading
 
     from diki_edge_runtime.bank import TaskBank
 
@@ -413,6 +438,7 @@ def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         raise ExportError(f"{bank_path}: the bank's tasks have no classes")
     backbone, clip, digest = steps.run("loading backbone and checking its weights hash", _load_backbone,
                                        bank, model, pretrained, backbone)
+    check_writable(out_dir, _expected_bytes(clip, bank_path, precision), what="model folder", is_dir=True)
     lay = bank.layout
     check_visual(clip.visual)
     try:
@@ -534,17 +560,6 @@ def onnx_check(path: Path) -> None:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected {path.name}: {exc}") from exc
-
-
-def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        _check_out_dir(out_dir, force)  # again: the folder may have appeared while exporting
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "previous")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def _manifest(plan: ExportPlan, validated: Validated, folder: Path) -> Manifest:

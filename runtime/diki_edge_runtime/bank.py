@@ -23,7 +23,13 @@ name                shape / dtype              meaning
 ==================  =========================  =====================================================
 
 The JSON metadata (safetensors ``__metadata__["diki_edge"]``) names the format version, backbone, adapted depth,
-``l``, dims, calibration grid and per-task name, classes, template and sample count.
+``l``, dims, calibration grid and per-task name, classes, template and sample count; its schema is checked by
+:mod:`diki_edge_runtime.schema` on load.
+
+A bank is refused (:class:`~diki_edge_runtime.errors.BankError`, naming the file and the array) when it is
+saved or loaded with a non-finite value in any float array, or when ``class_task`` is not the task index of
+each class in task order (sorted, contiguous, every task at least one class, counts matching the metadata).
+Files are written by :func:`diki_edge_runtime.files.atomic_write` (atomic, mode kept, through symlinks).
 
 numpy + safetensors only: the runtime loads banks without torch. Nothing is ever unpickled.
 """
@@ -31,9 +37,10 @@ numpy + safetensors only: the runtime loads banks without torch. Nothing is ever
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +48,10 @@ from typing import Any
 import numpy as np
 
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
-from diki_edge_runtime.errors import BankError
+from diki_edge_runtime.errors import BankError, DikiEdgeError
+from diki_edge_runtime.files import WriteError, atomic_write
 from diki_edge_runtime.gaussian import GaussianScoring, GaussianStats
+from diki_edge_runtime.schema import bank_layout, bank_metadata
 
 FORMAT_VERSION = 1
 METADATA_KEY = "diki_edge"
@@ -98,6 +107,7 @@ class TaskInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TaskInfo":
+        """From a task entry already checked by :func:`diki_edge_runtime.schema.task_info`."""
         return cls(d["name"], list(d["classes"]), d.get("template", DEFAULT_TEMPLATE), int(d.get("num_samples", 0)),
                    dict(d.get("extra", {})))
 
@@ -121,8 +131,10 @@ class BankLayout:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "BankLayout":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+    def from_json(cls, d: Any, source: str = "bank layout") -> "BankLayout":
+        """Checked against :func:`diki_edge_runtime.schema.bank_layout`; raises ``MetadataError`` naming ``source``."""
+        checked = bank_layout(d, source)
+        return cls(**{k: checked[k] for k in cls.__dataclass_fields__})
 
     def shapes(self, tasks: int, classes: int) -> dict[str, tuple[int, ...]]:
         t, d, g = tasks, self.embed_dim, len(self.calibration_levels)
@@ -134,6 +146,11 @@ class BankLayout:
             "stats_count": (t,), "stats_sum": (t, d), "stats_outer": (t, d, d),
             "class_embeds": (g, classes, d), "class_task": (classes,),
         }
+
+    def task_bytes(self, classes: int) -> int:
+        """Bytes one more task with ``classes`` classes adds to a bank's arrays."""
+        one, none = self.shapes(1, classes), self.shapes(0, 0)
+        return int(sum((np.prod(one[k]) - np.prod(none[k])) * np.dtype(ARRAY_DTYPES[k]).itemsize for k in one))
 
     @property
     def backbone_hash(self) -> str:
@@ -193,7 +210,10 @@ class TaskBank:
         """A new bank with ``task`` appended (or replacing the task of the same name, in place)."""
         self._require_full("add a task to")
         info = task.info
-        scoring: GaussianScoring = task.stats.finalize(self.layout.ridge)
+        try:
+            scoring: GaussianScoring = task.stats.finalize(self.layout.ridge)
+        except ValueError as exc:
+            raise BankError(f"task {info.name!r}: cannot finalise its Gaussian: {exc}") from None
         per_task = {
             "bank_k": task.image_k, "bank_v": task.image_v, "text_k": task.text_k, "text_v": task.text_v,
             "gauss_mean": scoring.mean, "gauss_whiten": scoring.whiten, "gauss_const": np.asarray(scoring.const),
@@ -324,12 +344,29 @@ class TaskBank:
             arr = self.arrays[name]
             if tuple(arr.shape) != shape:
                 return f"array {name!r} has shape {list(arr.shape)}, expected {list(shape)}"
-        ct = self.arrays["class_task"]
-        for i, t in enumerate(self.tasks):
-            if int(np.sum(ct == i)) != len(t.classes):
-                return f"class_task does not match the {len(t.classes)} classes of task {t.name!r}"
+        unnamed = [i for i, t in enumerate(self.tasks) if not isinstance(t.name, str) or not t.name.strip()]
+        if unnamed:
+            return f"tasks at positions {unnamed} have an empty name"
+        empty = [t.name for t in self.tasks if not t.classes]
+        if empty:
+            return f"tasks {empty} have no classes (every task needs at least one)"
+        # The graph masks logits by class_task and the runtime names classes in task order: both need exactly
+        # this array (a permutation with matching counts would answer with another task's class names).
+        expected_task = np.repeat(np.arange(self.num_tasks, dtype=np.int64), [len(t.classes) for t in self.tasks])
+        if not np.array_equal(self.arrays["class_task"], expected_task):
+            return ("class_task must give each class its task index in task order (sorted, contiguous, "
+                    f"{[len(t.classes) for t in self.tasks]} classes per task)")
         if len(set(self.task_names)) != len(self.task_names):
             return f"duplicate task names {self.task_names}"
+        return None
+
+    def finite_problem(self) -> str | None:
+        """The first float array holding NaN or an infinity, described; None when every value is finite."""
+        for name, arr in self.arrays.items():
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+                bad = np.argwhere(~np.isfinite(arr))
+                return (f"array {name!r} holds {len(bad)} non-finite value(s) (first at index "
+                        f"{list(map(int, bad[0]))}: {arr[tuple(bad[0])]})")
         return None
 
     # ----------------------------------------------------------------- files
@@ -341,24 +378,31 @@ class TaskBank:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
+        """Write atomically (:func:`~diki_edge_runtime.files.atomic_write`: temp file, fsync, rename; the previous
+        file's mode is kept; a symlink is written through). Refuses non-finite arrays. Returns ``path``."""
         from safetensors.numpy import save_file
 
         self._require_full("save")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        problem = self.finite_problem()
+        if problem:
+            raise BankError(f"{path}: refusing to save a bank whose {problem}")
         arrays = {k: np.ascontiguousarray(v.astype(ARRAY_DTYPES[k], copy=False)) for k, v in self.arrays.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            save_file(arrays, tmp, metadata={METADATA_KEY: json.dumps(self.metadata())})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            metadata = {METADATA_KEY: json.dumps(self.metadata(), allow_nan=False)}
+        except ValueError:
+            raise BankError(f"{path}: refusing to save a bank whose metadata holds NaN or an infinity") from None
+        try:
+            atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
+        except DikiEdgeError:
             raise
+        except Exception as exc:  # OSError, or safetensors' own error type for a failed write
+            raise WriteError(f"{path}: cannot write the bank: {type(exc).__name__}: {exc}") from None
         return path
+
+    def expected_file_bytes(self) -> int:
+        """About the size of this bank's file (arrays plus metadata), for free-space checks before a write."""
+        return self.nbytes() + len(json.dumps(self.metadata())) + 4096
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False) -> "TaskBank":
@@ -370,8 +414,7 @@ class TaskBank:
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise BankError(f"{path}: bank file not found")
+        _check_bank_path(path)
         try:
             with safe_open(str(path), framework="numpy") as fh:
                 raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
@@ -382,20 +425,15 @@ class TaskBank:
         if raw_meta is None:
             raise BankError(f"{path}: no diki-edge metadata (not a diki-edge bank file)")
         try:
-            meta = json.loads(raw_meta)
-            version = int(meta["format_version"])
-        except Exception:
-            raise BankError(f"{path}: diki-edge metadata is not valid JSON with a format_version") from None
-        if version > FORMAT_VERSION:
-            raise BankError(f"{path}: bank format version {version} is newer than this diki-edge supports "
-                            f"({FORMAT_VERSION}); upgrade diki-edge")
-        if version < 1:
-            raise BankError(f"{path}: unknown bank format version {version}")
-        try:
-            layout = BankLayout.from_json(meta["layout"])
-            tasks = [TaskInfo.from_json(t) for t in meta["tasks"]]
-        except Exception as exc:
-            raise BankError(f"{path}: malformed bank metadata: {exc!r}") from None
+            meta = json.loads(raw_meta, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise BankError(f"{path}: diki-edge metadata is not valid JSON ({str(exc)[:200]})") from None
+        layout_json, tasks_json = bank_metadata(meta, str(path), FORMAT_VERSION)
+        layout = BankLayout(**layout_json)
+        tasks = [TaskInfo.from_json(t) for t in tasks_json]
+        unknown = sorted(set(arrays) - set(ARRAY_DTYPES))
+        if unknown:
+            raise BankError(f"{path}: unknown arrays {unknown[:5]} (not a diki-edge bank of format {FORMAT_VERSION})")
         for name, dtype in ARRAY_DTYPES.items():
             if name in arrays and arrays[name].dtype != dtype:
                 raise BankError(f"{path}: array {name!r} has dtype {arrays[name].dtype}, expected {np.dtype(dtype)}")
@@ -403,6 +441,9 @@ class TaskBank:
             bank = cls(layout, tasks, arrays, graph_only=graph_only)
         except BankError as exc:
             raise BankError(f"{path}: {exc}") from None
+        problem = bank.finite_problem()
+        if problem:
+            raise BankError(f"{path}: {problem}; the bank is damaged (retrain or restore it)")
         if expect is not None:
             problem = expect.compatibility_problem(layout)
             if problem:
@@ -430,3 +471,25 @@ class TaskBank:
     def trainable_parameters_per_task(self) -> int:
         lay = self.layout
         return 2 * lay.residual_length * (lay.image_layers * lay.image_width + lay.text_layers * lay.text_width)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_bank_path(path: Path) -> None:
+    """Refuse, naming the problem, a bank path that is missing, a folder, a device, a FIFO or a symlink loop."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise BankError(f"{path}: bank file not found (dangling symlink to {os.readlink(path)})") from None
+        raise BankError(f"{path}: bank file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BankError(f"{path}: symlink loop, not a bank file") from None
+        raise BankError(f"{path}: cannot read the bank: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BankError(f"{path}: is a directory, not a bank file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BankError(f"{path}: not a regular file (a device, FIFO or socket), not a bank file")

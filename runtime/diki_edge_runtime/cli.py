@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from diki_edge_runtime.cli_bank import bank_app
 from diki_edge_runtime.cli_predict import predict_command
@@ -31,7 +32,7 @@ PLUGIN_COMMANDS = {
     "export": "pip install diki-edge-export",
 }
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the terminal width
 
 
 def build_app() -> typer.Typer:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="diki-edge")
     except DikiEdgeError as exc:  # a command that did not catch its own user error
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except ModuleNotFoundError as exc:  # a plugin command whose heavy dependency is missing from this install
         root = (exc.name or "").split(".")[0]

@@ -1,4 +1,9 @@
-"""``diki-edge bank show | merge | remove | rename``: inspect and edit task banks, torch-free."""
+"""``diki-edge bank show | merge | remove | rename``: inspect and edit task banks, torch-free.
+
+Editing commands check that their output can be written (folder, permissions, free space for about the size
+of their inputs) before loading anything, and write atomically (:mod:`diki_edge_runtime.files`). Names from a
+bank are printed as text, never as rich markup.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from diki_edge_runtime.errors import DikiEdgeError
@@ -19,8 +25,24 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _check_output(output: Path, inputs: List[Path]) -> None:
+    """Before any work: ``output`` can be written, with room for about the inputs' size."""
+    from diki_edge_runtime.files import check_writable
+
+    size = 0
+    for p in inputs:
+        try:
+            size += p.stat().st_size
+        except OSError:
+            pass  # a missing input is reported by loading it, with its own message
+    try:
+        check_writable(output, size, what="bank")
+    except DikiEdgeError as exc:
+        fail(str(exc))
 
 
 def _load_bank(path: Path):
@@ -42,8 +64,9 @@ def bank_show(path: Path = typer.Argument(..., help="Bank file."),
         print(json.dumps(info, indent=2))
         return
     bb = info["backbone"]
-    out.print(f"[bold]{path}[/]  format v{info['format_version']}  backbone {bb.get('model')} "
-              f"({bb.get('pretrained')}, sha256 {str(bb.get('weights_sha256'))[:12]})", highlight=False)
+    out.print(f"[bold]{escape(str(path))}[/]  format v{info['format_version']}  backbone "
+              f"{escape(str(bb.get('model')))} ({escape(str(bb.get('pretrained')))}, sha256 "
+              f"{escape(str(bb.get('weights_sha256'))[:12])})", highlight=False)
     out.print(f"adapted layers: image {info['adapted_layers']['image']}, text {info['adapted_layers']['text']}; "
               f"l = {info['residual_length']}; D = {info['embed_dim']}; "
               f"{info['trainable_parameters_per_task']:,} trainable parameters per task; "
@@ -51,7 +74,8 @@ def bank_show(path: Path = typer.Argument(..., help="Bank file."),
     table = Table("#", "task", "classes", "samples", "template", "class names")
     for i, t in enumerate(info["tasks"]):
         names = ", ".join(t["class_names"][:6]) + (" …" if len(t["class_names"]) > 6 else "")
-        table.add_row(str(i), t["name"], str(t["classes"]), str(t["samples"]), t["template"], names)
+        table.add_row(str(i), escape(t["name"]), str(t["classes"]), str(t["samples"]), escape(t["template"]),
+                      escape(names))
     out.print(table)
 
 
@@ -62,6 +86,7 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
     """Merge banks trained separately on the same backbone into one (no retraining)."""
     if output.exists() and not force:
         fail(f"{output} exists (use --force to overwrite)")
+    _check_output(output, inputs)
     banks = [_load_bank(p) for p in inputs]
     merged = banks[0]
     try:
@@ -73,30 +98,32 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
         merged.save(output)
     except DikiEdgeError as exc:
         fail(str(exc))
-    err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False)
+    err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False, markup=False)
 
 
 @bank_app.command("remove")
 def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...),
                 output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Remove one task from a bank."""
+    _check_output(output or path, [path])
     b = _load_bank(path)
     try:
         b.without(task).save(output or path)
     except DikiEdgeError as exc:
         fail(f"{path}: {exc}")
-    err.print(f"removed task {task!r} -> {output or path}", highlight=False)
+    err.print(f"removed task {task!r} -> {output or path}", highlight=False, markup=False)
 
 
 @bank_app.command("rename")
 def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...), new: str = typer.Argument(...),
                 output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Rename a task in a bank."""
+    _check_output(output or path, [path])
     b = _load_bank(path)
     try:
         b.renamed(old, new).save(output or path)
     except DikiEdgeError as exc:
         fail(f"{path}: {exc}")
-    err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False)
+    err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False, markup=False)
 
 

@@ -23,17 +23,23 @@ per line on stdout, in input order, written as each batch finishes. The schema (
     }
 
 ``KIND`` is one of ``not_found``, ``unreadable``, ``empty``, ``not_an_image``, ``truncated``, ``too_large``,
-``unsupported``, ``inference``. Every key is always present. Informational messages (providers in use, progress
+``unsupported``, ``inference``. Every key is always present. Every line is strict JSON: numbers are finite (a
+non-finite graph output is that image's ``inference`` error) and undecodable bytes of file names are spelled
+``\\xNN``. Informational messages (providers in use, progress
 bars) go to stderr, never to stdout.
 
 Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are still predicted and printed);
 2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider not in the installed
-ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed).
+ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed,
+``--threads`` above the machine's cores x 4).
 
 Providers: ``--provider`` takes a name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``rocm``,
 ``migraphx``, ``dml``, or an ONNX Runtime id) or a fall-back chain written out (``tensorrt,cuda,cpu``); options
 come from ``--provider-options FILE.json`` (``{"tensorrt": {"trt_fp16_enable": true}}``) and
 ``--provider-option NAME:KEY=VALUE`` (repeatable, applied after the file). Rules: diki_edge_runtime/providers.py.
+
+ONNX Runtime's own log lines follow ``--quiet`` (fatal only) and ``--verbose`` (info and up); by default only
+its errors reach stderr.
 """
 
 from __future__ import annotations
@@ -135,7 +141,8 @@ def predict_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 8,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image per line (schema in the docs).")]
     = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime intra-op threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="ONNX Runtime intra-op threads (1 .. the machine's cores x 4).")] = None,
     workers: Annotated[Optional[int], typer.Option(
         min=0, help="Decode threads overlapped with inference (default: one per core, at most 8; 0: none).",
         show_default=False)] = None,
@@ -146,12 +153,14 @@ def predict_command(
         "--low-memory", help="ONNX Runtime memory arena and memory patterns off: working memory is returned "
                              "after each run instead of kept.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="ONNX Runtime's info messages on stderr.")]
+    = False,
 ) -> None:
     """Predict task, familiarity M and top-k classes for images, without PyTorch."""
     code = run_predict(inputs, model, bank=bank, provider=provider, top_k=top_k, batch_size=batch_size,
                        json_=json_, threads=threads, quiet=quiet, provider_option=provider_option or [],
                        provider_options=provider_options, workers=workers, fast_decode=fast_decode,
-                       low_memory=low_memory)
+                       low_memory=low_memory, verbose=verbose)
     if code:
         raise typer.Exit(code)
 
@@ -159,7 +168,8 @@ def predict_command(
 def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, provider: str = "cpu",
                 top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
                 quiet: bool = False, provider_option: Iterable[str] = (), provider_options: Optional[Path] = None,
-                workers: Optional[int] = None, fast_decode: bool = False, low_memory: bool = False) -> int:
+                workers: Optional[int] = None, fast_decode: bool = False, low_memory: bool = False,
+                verbose: bool = False) -> int:
     """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
     from PIL import Image
     from rich.console import Console
@@ -167,10 +177,11 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     from diki_edge_runtime.errors import DikiEdgeError
     from diki_edge_runtime.predictor import Prediction, Predictor
     from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
+    from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, max_threads
 
     # the pixel limit is enforced per image (a clear per-image error); Pillow's own warning would only be noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error is one line, whatever the width
     out = Console(highlight=False)
     if not inputs:
         err.print("[red]error:[/red] no inputs given")
@@ -181,13 +192,22 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     if workers is not None and workers < 0:
         err.print("[red]error:[/red] --workers must be >= 0")
         return EXIT_USAGE
+    if threads is not None and threads > max_threads():
+        err.print(f"error: --threads {threads} is more than this machine's {os.cpu_count() or 1} cores x 4 = "
+                  f"{max_threads()}", markup=False)
+        return EXIT_USAGE
+    if quiet and verbose:
+        err.print("[red]error:[/red] --quiet and --verbose contradict each other")
+        return EXIT_USAGE
+    log_severity = 4 if quiet else 1 if verbose else DEFAULT_LOG_SEVERITY
     entries = expand_inputs(inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
     try:
         options = merge_options(load_options_file(provider_options) if provider_options else None,
                                 parse_option_args(provider_option, provider.split(",")))
         predictor = Predictor(model, provider=provider, threads=threads, bank=bank, provider_options=options,
-                              workers=workers, fast_decode=fast_decode, low_memory=low_memory)
+                              workers=workers, fast_decode=fast_decode, low_memory=low_memory,
+                              log_severity=log_severity)
     except DikiEdgeError as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_USAGE
@@ -205,7 +225,11 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         nonlocal n_failed
         n_failed += not res.ok
         if json_:
-            sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
+            line = json.dumps(res.to_json(), ensure_ascii=False, allow_nan=False)
+            try:
+                sys.stdout.write(line + "\n")
+            except UnicodeEncodeError:  # a stdout that cannot encode every character (LANG=C on old Pythons)
+                sys.stdout.write(json.dumps(res.to_json(), allow_nan=False) + "\n")
         else:
             results.append(res)
 
@@ -262,4 +286,6 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
 def _escape(text: str | None) -> str:
     from rich.markup import escape
 
-    return escape(text or "")
+    from diki_edge_runtime.predictor import json_text
+
+    return escape(json_text(text or ""))

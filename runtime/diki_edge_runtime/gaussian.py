@@ -6,6 +6,10 @@ larger than memory and merge exactly across shards or processes; ``finalize`` tu
 the ONNX graph consumes (:mod:`diki_edge_runtime.contract`): ``gauss_mean``, ``gauss_whiten`` (``W Sigma W^T = I``) and
 ``gauss_const`` (``-0.5 (D log 2pi + log|Sigma|)``). All linear algebra happens here, offline, in float64.
 
+Nothing non-finite gets through: ``update`` refuses embeddings with NaN or infinities, ``covariance`` a ridge that
+is not a finite number >= 0, and ``from_moments`` moments or results that are not finite (``ValueError`` naming
+which); ``TaskBank.with_task`` turns that into a ``BankError`` for the task.
+
 numpy only: the runtime and the bank tools use it without torch.
 """
 
@@ -40,6 +44,8 @@ class GaussianStats:
         x = np.asarray(embeddings, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected embeddings of shape [N, {self.dim}], got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise ValueError("embeddings hold NaN or infinite values")
         self.count += int(x.shape[0])
         self.total += x.sum(axis=0)
         self.outer += x.T @ x
@@ -58,6 +64,8 @@ class GaussianStats:
 
     def covariance(self, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
         """``delta^T delta / (N - 1) + ridge * I`` — the reference's unbiased covariance plus a ridge."""
+        if not (math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"the ridge must be a finite number >= 0, got {ridge}")
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, have {self.count}")
         mu = self.mean()
@@ -81,6 +89,8 @@ class GaussianScoring:
     @classmethod
     def from_moments(cls, mean: np.ndarray, cov: np.ndarray) -> "GaussianScoring":
         cov = np.asarray(cov, np.float64)
+        if not (np.isfinite(cov).all() and np.isfinite(mean).all()):
+            raise ValueError("the statistics hold NaN or infinite values")
         try:
             chol = np.linalg.cholesky(cov)  # Sigma = L L^T
         except np.linalg.LinAlgError as exc:
@@ -91,6 +101,8 @@ class GaussianScoring:
         whiten = np.tril(whiten)
         log_det = 2.0 * float(np.sum(np.log(np.diag(chol))))
         const = -0.5 * (dim * math.log(2.0 * math.pi) + log_det)
+        if not (np.isfinite(whiten).all() and math.isfinite(const)):
+            raise ValueError("the covariance is too close to singular for finite whitening; increase the ridge")
         return cls(np.asarray(mean, np.float64), whiten, const)
 
 

@@ -33,6 +33,7 @@ image and carries on with the others.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Callable, Tuple, Union
@@ -56,6 +57,8 @@ ERROR_KINDS = (
     "unsupported",  # an image mode, array dtype or shape that has no sensible RGB conversion
     "inference",  # the graph failed on this image
 )
+
+_EXIF_ORIENTATION = 0x0112
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 # (stored width, stored height) -> the smallest (width, height) a reduced-scale JPEG decode may return
@@ -86,6 +89,11 @@ def describe_input(item: Any, index: int) -> str:
     return f"<{type(item).__name__} #{index}>"
 
 
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _check_pixels(width: int, height: int, max_pixels: int | None, label: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageError("unsupported", f"{label}: image has no pixels ({width}x{height})")
@@ -104,9 +112,17 @@ def open_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXE
     p = Path(path)
     label = os.fspath(path)
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ImageError("unreadable", f"{label}: symlink loop") from None
+            raise ImageError("not_found", f"{label}: file not found (dangling symlink to {os.readlink(p)})")
         raise ImageError("not_found", f"{label}: file not found")
     if not p.is_file():
-        raise ImageError("unreadable", f"{label}: not a regular file")
+        what = "a directory" if p.is_dir() else "a device, FIFO or socket"
+        raise ImageError("unreadable", f"{label}: not a regular file ({what})")
     try:
         size = p.stat().st_size
     except OSError as exc:
@@ -120,45 +136,75 @@ def open_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXE
     except UnidentifiedImageError:
         raise ImageError("not_an_image", f"{label}: not an image (unknown or corrupt format)") from None
     except OSError as exc:
-        raise ImageError("unreadable", f"{label}: cannot read: {exc.strerror or exc}") from None
+        if exc.errno is not None:  # the file system's error (permissions, I/O)
+            raise ImageError("unreadable", f"{label}: cannot read: {exc.strerror or exc}") from None
+        raise ImageError("not_an_image", f"{label}: corrupt image header ({_short(exc)})") from None
+    except Exception as exc:  # Pillow's format plugins raise ValueError, SyntaxError, struct.error, ... on bad headers
+        raise ImageError("not_an_image", f"{label}: corrupt image header ({_short(exc)})") from None
     try:
         _check_pixels(im.width, im.height, max_pixels, label)
         if draft is not None and im.format == "JPEG":
             im.draft(im.mode, draft(im.width, im.height))
         try:
             im.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({exc})") from None
+        except ImageError:
+            raise
+        except Exception as exc:  # any decoder failure is this file's problem, whatever type the plugin raises
+            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({_short(exc)})") from None
         return im
     except BaseException:
         im.close()
         raise
 
 
-def _to_rgb_pil(im: Image.Image, label: str) -> Image.Image:
+def _to_rgb_pil(im: Image.Image, label: str, keep_gray: bool = False) -> Image.Image:
+    """8-bit RGB (see the module docstring); with ``keep_gray`` a single-channel result stays ``L`` instead."""
     mode = im.mode
-    if mode == "RGB":
+    if mode == "RGB" or (keep_gray and mode == "L"):
         return im
     if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(im).astype(np.float64)
-        if mode == "I" and (arr.size == 0 or arr.max() <= 255):
-            scaled = np.clip(arr, 0, 255)
-        else:
-            scaled = np.clip(np.rint(arr / 257.0), 0, 255)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+        _, high = im.getextrema()
+        if mode == "I" and high <= 255:
+            return _gray(_chunked_to_gray(im, lambda a: np.clip(a, 0, 255)), keep_gray)
+        # round(v / 257) == floor((v + 128) / 257) for every integer v (no ties): exact in integers
+        return _gray(_chunked_to_gray(im, lambda a: np.clip((a.astype(np.int64) + 128) // 257, 0, 255)), keep_gray)
     if mode == "F":
-        arr = np.asarray(im).astype(np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ImageError("unsupported", f"{label}: float image holds NaN or infinite values")
-        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            arr = arr * 255.0
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+        low, high = im.getextrema()
+        scale = 255.0 if 0.0 <= low and high <= 1.0 else 1.0
+
+        def float_band(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.float64)
+            if not np.isfinite(a).all():  # getextrema does not see NaN
+                raise ImageError("unsupported", f"{label}: float image holds NaN or infinite values")
+            return np.clip(np.rint(a * scale), 0, 255)
+
+        return _gray(_chunked_to_gray(im, float_band), keep_gray)
     if mode in ("P", "PA", "RGBA", "LA", "RGBa", "La") or "A" in im.getbands():
         return im.convert("RGBA").convert("RGB")
     try:
         return im.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageError("unsupported", f"{label}: cannot convert image mode {mode!r} to RGB ({exc})") from None
+    except Exception as exc:
+        raise ImageError("unsupported", f"{label}: cannot convert image mode {mode!r} to RGB ({_short(exc)})") from None
+
+
+def _gray(im: Image.Image, keep: bool) -> Image.Image:
+    return im if keep else im.convert("RGB")
+
+
+# Rows of a wide-integer or float image converted at a time, so that no full-size float64 copy is ever made.
+_CONVERT_CHUNK_PIXELS = 1 << 20
+
+
+def _chunked_to_gray(im: Image.Image, to_uint8) -> Image.Image:
+    """An ``L`` image from a single-channel ``I``/``I;16``/``F`` image, ``to_uint8`` applied a band of rows at a
+    time (peak memory: the output plus one band, instead of several float64 copies of the whole image)."""
+    w, h = im.size
+    out = np.empty((h, w), np.uint8)
+    rows = max(1, _CONVERT_CHUNK_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        band = np.asarray(im.crop((0, y, w, min(h, y + rows))))
+        out[y:y + band.shape[0]] = to_uint8(band)
+    return Image.fromarray(out, "L")
 
 
 def _array_to_pil(arr: np.ndarray, label: str) -> Image.Image:
@@ -168,8 +214,8 @@ def _array_to_pil(arr: np.ndarray, label: str) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError("unsupported", f"{label}: expected an HWC array with 1, 3 or 4 channels (or HW), "
                                         f"got shape {list(arr.shape)}")
-    if a.dtype == np.uint16:
-        a = np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    if a.dtype == np.uint16:  # round(v / 257) in integers, as for 16-bit files (_to_rgb_pil)
+        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif a.dtype != np.uint8:
         raise ImageError("unsupported", f"{label}: array dtype {a.dtype} is not supported (use uint8, or uint16)")
     a = np.ascontiguousarray(a)
@@ -179,36 +225,43 @@ def _array_to_pil(arr: np.ndarray, label: str) -> Image.Image:
 
 
 def load_rgb(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, index: int = 0,
-             draft: DraftSize | None = None) -> Image.Image:
+             draft: DraftSize | None = None, *, keep_gray: bool = False) -> Image.Image:
     """Any supported input -> 8-bit RGB PIL image, EXIF orientation applied. Raises :class:`ImageError`.
-    ``draft``: reduced-scale JPEG decoding of files (see :func:`open_path`)."""
+
+    ``draft``: reduced-scale JPEG decoding of files (see :func:`open_path`). ``keep_gray``: a gray image stays
+    ``L`` (its RGB would be the same plane three times; ``Preprocess`` resizes it as ``L`` and expands it after,
+    with identical results) — a quarter of the memory for large gray or 16-bit images; the predictor asks for it.
+    """
     label = describe_input(item, index)
     if isinstance(item, (str, os.PathLike)):
         im = open_path(item, max_pixels, draft)
         try:
-            return to_rgb(im, label)
+            return to_rgb(im, label, keep_gray=keep_gray)
         finally:
             im.close()
     if isinstance(item, Image.Image):
         _check_pixels(item.width, item.height, max_pixels, label)
         try:
             item.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({exc})") from None
-        return to_rgb(item, label)
+        except Exception as exc:
+            raise ImageError("truncated", f"{label}: image data is truncated or corrupt ({_short(exc)})") from None
+        return to_rgb(item, label, keep_gray=keep_gray)
     if isinstance(item, np.ndarray):
         if item.ndim >= 2:
             _check_pixels(int(item.shape[1]), int(item.shape[0]), max_pixels, label)
-        return _to_rgb_pil(_array_to_pil(item, label), label)
+        return _to_rgb_pil(_array_to_pil(item, label), label, keep_gray)
     raise ImageError("unsupported", f"{label}: unsupported input type {type(item).__name__} "
                                     "(give a path, a PIL image or a numpy HWC uint8 array)")
 
 
-def to_rgb(im: Image.Image, label: str = "image") -> Image.Image:
-    """EXIF orientation, then 8-bit RGB (see the module docstring). The result never aliases a lazily-read file."""
+def to_rgb(im: Image.Image, label: str = "image", *, keep_gray: bool = False) -> Image.Image:
+    """EXIF orientation, then 8-bit RGB (see the module docstring; ``keep_gray`` as in :func:`load_rgb`). The
+    result never aliases a lazily-read file."""
     try:
-        oriented = ImageOps.exif_transpose(im)
+        # exif_transpose copies the whole image even when there is nothing to turn: ask first
+        turned = im.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+        oriented = ImageOps.exif_transpose(im) if turned else im
     except Exception:  # a malformed EXIF block must not cost the image: keep the stored orientation
         oriented = im
-    rgb = _to_rgb_pil(oriented if oriented is not None else im, label)
+    rgb = _to_rgb_pil(oriented if oriented is not None else im, label, keep_gray)
     return rgb.copy() if rgb is im else rgb

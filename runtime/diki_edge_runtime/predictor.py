@@ -61,7 +61,7 @@ from diki_edge_runtime.images import (
 from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_map
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.providers import short_name
-from diki_edge_runtime.session import BankHandle, Session, numpy_dtype
+from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
 
 
 @dataclass
@@ -89,16 +89,33 @@ class Prediction:
         return self.top_k[0][0] if self.top_k else None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` line schema (see :mod:`diki_edge_runtime.cli_predict`)."""
+        """The ``--json`` line schema (see :mod:`diki_edge_runtime.cli_predict`). Every string is valid Unicode
+        (see :func:`json_text`) and every number finite (:meth:`Predictor._fill` guarantees it), so
+        ``json.dumps(..., allow_nan=False)`` always succeeds and any strict JSON parser reads the line."""
         return {
-            "input": self.input,
+            "input": json_text(self.input),
             "ok": self.ok,
-            "task": self.task,
+            "task": None if self.task is None else json_text(self.task),
             "task_index": self.task_index,
             "weight": None if self.weight is None else round(float(self.weight), 6),
-            "top_k": [{"class": c, "probability": round(float(p), 6)} for c, p in self.top_k],
-            "error": None if self.ok else {"kind": self.error_kind, "message": self.error},
+            "top_k": [{"class": json_text(c), "probability": round(float(p), 6)} for c, p in self.top_k],
+            "error": None if self.ok else {"kind": self.error_kind, "message": json_text(self.error or "")},
         }
+
+
+def json_text(text: str) -> str:
+    """``text`` with lone surrogates spelled out as backslash text so that it encodes as UTF-8: an undecodable byte
+    of a file name (``os.fsdecode``'s ``surrogateescape``) becomes ``\\xNN``, any other lone surrogate (a
+    ``\\ud800`` escape in bank metadata) ``\\ud800``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -117,7 +134,8 @@ class Predictor:
                  threads: int | None = None, bank: str | os.PathLike | TaskBank | None = None, *,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, device_id: int = 0, io_binding: bool | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None, low_memory: bool = False,
-                 workers: int | None = None, fast_decode: bool = False):
+                 workers: int | None = None, fast_decode: bool = False,
+                 log_severity: int = DEFAULT_LOG_SEVERITY):
         """Open an exported model folder.
 
         ``provider``: an execution provider name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``,
@@ -131,7 +149,8 @@ class Predictor:
         ``low_memory``: ONNX Runtime's memory arena and memory patterns off (memory returned after each run);
         ``workers``: decode threads overlapped with inference (default: one per core, at most 8; 0 decodes in the
         calling thread); ``fast_decode``: decode JPEG files at a reduced DCT scale before the exact resize (faster,
-        slightly different pixels: see README.md).
+        slightly different pixels: see README.md); ``log_severity``: the lowest ONNX Runtime log level
+        printed (0 verbose .. 4 fatal; see ``session.DEFAULT_LOG_SEVERITY``).
         Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
         """
         try:
@@ -142,18 +161,20 @@ class Predictor:
         self._draft = None  # set below once the preprocessing config is read
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
-            raise RuntimeSetupError(f"{self.model_dir}: model folder not found")
+            what = "is not a folder" if os.path.lexists(self.model_dir) else "model folder not found"
+            raise RuntimeSetupError(f"{self.model_dir}: {what}")
         self.manifest = Manifest.load(self.model_dir)
         try:
-            self.layout = BankLayout.from_json(self.manifest.bank_layout)
-        except (KeyError, TypeError) as exc:
-            raise RuntimeSetupError(f"{self.model_dir / MANIFEST_FILE}: malformed bank_layout ({exc!r})") from None
+            self.layout = BankLayout.from_json(self.manifest.bank_layout, f"{self.model_dir / MANIFEST_FILE}")
+        except BankError as exc:
+            raise RuntimeSetupError(str(exc).replace("metadata field layout", "field bank_layout")) from None
         self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in INPUT_NAMES}
         self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
         self._draft = self.preprocess.draft_size if self.fast_decode else None
         self.max_pixels = max_pixels
         self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
-                               io_binding=io_binding, provider_options=provider_options, low_memory=low_memory)
+                               io_binding=io_binding, provider_options=provider_options, low_memory=low_memory,
+                               log_severity=log_severity)
         absent = [n for n in INPUT_NAMES if n not in self.session.input_types]
         absent += [n for n in OUTPUT_NAMES if n not in self.session.output_names]
         if absent:
@@ -214,7 +235,7 @@ class Predictor:
         """
         if isinstance(bank, TaskBank):
             loaded, source = bank, "<TaskBank>"
-            problem = self.layout.compatibility_problem(bank.layout)
+            problem = self.layout.compatibility_problem(bank.layout) or bank.finite_problem()
             if problem:
                 raise BankError(f"bank does not fit this model: {problem}")
         else:
@@ -241,7 +262,7 @@ class Predictor:
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) and not (
                 isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
-        return np.stack([self.preprocess(load_rgb(im, self.max_pixels, i, self._draft))
+        return np.stack([self.preprocess(load_rgb(im, self.max_pixels, i, self._draft, keep_gray=True))
                          for i, im in enumerate(images)])
 
     def feeds(self, pixel_values: np.ndarray, bank_arrays: dict[str, np.ndarray] | None = None
@@ -314,7 +335,7 @@ class Predictor:
         index, item = indexed
         res = Prediction(describe_input(item, index), index)
         try:
-            return res, self.preprocess(load_rgb(item, self.max_pixels, index, self._draft))
+            return res, self.preprocess(load_rgb(item, self.max_pixels, index, self._draft, keep_gray=True))
         except ImageError as exc:
             res.error, res.error_kind = exc.message, exc.kind
         except Exception as exc:  # anything unexpected while decoding costs this image only
@@ -343,17 +364,40 @@ class Predictor:
 
     @staticmethod
     def _fill(out: dict[str, np.ndarray], pending: list[Prediction], state: _BankState, top_k: int) -> None:
+        """Results from the graph's outputs. A row with a task index out of range or any non-finite value the
+        result depends on becomes that image's ``inference`` error: nothing non-finite is ever returned."""
         tasks = state.bank.tasks
         for row, res in enumerate(pending):
             t = int(out["task"][row])
-            cols = np.nonzero(state.class_task == t)[0]
+            cols = np.nonzero(state.class_task == t)[0] if 0 <= t < len(tasks) else np.zeros(0, np.int64)
             logits = out["logits"][row, cols].astype(np.float64)
-            if len(cols):
-                probs = np.exp(logits - logits.max())
-                probs /= probs.sum()
-                order = np.argsort(-probs, kind="stable")[:top_k]
-                res.top_k = [(state.class_names[cols[i]], float(probs[i])) for i in order]
+            weight = float(out["weight"][row])
+            scores, embeds = out["task_scores"][row], out["image_embeds"][row]
+            problem = _output_problem(t, len(tasks), logits, weight, scores, embeds)
+            if problem:
+                res.error, res.error_kind = f"{res.input}: inference gave {problem}", "inference"
+                continue
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")[:top_k]
+            res.top_k = [(state.class_names[cols[i]], float(probs[i])) for i in order]
             res.task, res.task_index = tasks[t].name, t
-            res.weight = float(out["weight"][row])
-            res.task_scores = np.asarray(out["task_scores"][row], np.float32).copy()
-            res.image_embeds = np.asarray(out["image_embeds"][row], np.float32).copy()
+            res.weight = weight
+            res.task_scores = np.asarray(scores, np.float32).copy()
+            res.image_embeds = np.asarray(embeds, np.float32).copy()
+
+
+def _output_problem(task: int, num_tasks: int, logits: np.ndarray, weight: float, scores: np.ndarray,
+                    embeds: np.ndarray) -> str | None:
+    """Why one image's graph outputs cannot be reported, or None (see :meth:`Predictor._fill`)."""
+    if not 0 <= task < num_tasks:
+        return f"task index {task} outside the bank's {num_tasks} tasks"
+    if not len(logits):
+        return f"no classes for task {task}"
+    for name, values in (("logits", logits), ("task_scores", scores), ("image_embeds", embeds)):
+        if not np.isfinite(values).all():
+            return (f"non-finite {name} ({int(np.sum(~np.isfinite(values)))} of {np.size(values)} values); "
+                    "the bank's values are out of range for this model")
+    if not 0.0 <= weight <= 1.0:  # False for NaN too
+        return f"a familiarity weight {weight} outside [0, 1]"
+    return None

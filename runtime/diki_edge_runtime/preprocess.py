@@ -19,6 +19,14 @@ then ``ToTensor`` (``uint8 / 255`` in float32, CHW) and ``Normalize(mean, std)``
 ``Resize`` on a PIL image is ``PIL.Image.resize`` (Pillow always antialiases), and it is skipped when the size
 already matches — both reproduced here, so the result equals open_clip's to float32 rounding (tests: <= 1e-6).
 
+Memory: ``shortest`` scales the short edge *up* to the target, so a thin image (300000 x 1) would grow to
+224 x 67,200,000 pixels before the crop. When the resized image would exceed :data:`RESIZE_PIXEL_BUDGET`, only
+the part the center crop keeps is resampled (``Image.resize(..., box=...)``: the same filter, scale and pixel
+centres, so the kept pixels equal those of the full resize up to float rounding, at most 2 of 255 levels) and
+the rest is never materialised. Only images more than ~80 times longer than wide take this path.
+
+``mean`` and ``std`` must be finite and ``std`` non-zero: a NaN there would make every image's pixels NaN.
+
 ``preprocess.json``: ``{"size": [H, W] | int, "mode": "RGB", "mean": [3 floats], "std": [3 floats],
 "interpolation": "bicubic" | "bilinear", "resize_mode": "shortest" | "longest" | "squash", "fill_color": int}``.
 """
@@ -40,6 +48,9 @@ from diki_edge_runtime.errors import RuntimeSetupError
 # open_clip's OPENAI_DATASET_MEAN / _STD: the normalisation a preprocess config falls back to.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Largest resized image (pixels) materialised before the center crop; larger ones resample the kept part only.
+RESIZE_PIXEL_BUDGET = 4_000_000
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
@@ -88,6 +99,9 @@ class Preprocess:
             raise RuntimeSetupError(f"{source}: only mode 'RGB' is supported, got {mode!r}")
         if min(hw) < 1:
             raise RuntimeSetupError(f"{source}: size must be positive, got {list(hw)}")
+        if not all(math.isfinite(v) for v in mean + std):
+            raise RuntimeSetupError(f"{source}: mean and std must be finite numbers, got mean {list(mean)}, "
+                                    f"std {list(std)}")
         if any(s == 0 for s in std):
             raise RuntimeSetupError(f"{source}: std must not contain zeros")
         return cls(hw, mean, std, interpolation, resize_mode, fill, mode)
@@ -136,18 +150,26 @@ class Preprocess:
         return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
     def geometry(self, image: Image.Image) -> np.ndarray:
-        """Resize + crop/pad of an RGB image: ``uint8 [H, W, 3]``, before ``ToTensor``/``Normalize``."""
-        if image.mode != "RGB":
+        """Resize + crop/pad of an RGB (or gray ``L``) image: ``uint8 [H, W, 3]``, before ``ToTensor``/``Normalize``.
+
+        An ``L`` image is resized as ``L`` and expanded to RGB afterwards: Pillow resamples every band alike, so
+        this equals resizing its RGB conversion, at a quarter of the memory."""
+        if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         th, tw = self.size
         hw = self.resized_hw(image.width, image.height)
         if self.resize_mode == "squash":
-            return np.asarray(_resize(image, hw, self._resample))
+            return _rgb_pixels(_resize(image, hw, self._resample))
         # open_clip builds ResizeKeepRatio(image_size) for a non-square "shortest" size without passing the
         # interpolation: bicubic there
         keep_ratio_default = self.resize_mode == "shortest" and th != tw
-        image = _resize(image, hw, Image.Resampling.BICUBIC if keep_ratio_default else self._resample)
-        return _center_crop_or_pad(np.asarray(image), (th, tw), self.fill_color if self.resize_mode == "longest" else 0)
+        resample = Image.Resampling.BICUBIC if keep_ratio_default else self._resample
+        if self.resize_mode == "shortest" and hw[0] * hw[1] > RESIZE_PIXEL_BUDGET:
+            image = _resize_center_crop(image, hw, (th, tw), resample)  # a thin image: never upscaled in full
+        else:
+            image = _resize(image, hw, resample)
+        fill = self.fill_color if self.resize_mode == "longest" else 0
+        return _center_crop_or_pad(_rgb_pixels(image), (th, tw), fill)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """``float32 [3, H, W]``: the normalised pixels one image contributes to ``pixel_values``."""
@@ -173,11 +195,40 @@ def _triple(values: Any, name: str) -> tuple[float, float, float]:
     return vals  # type: ignore[return-value]
 
 
+def _rgb_pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+
+
 def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int) -> Image.Image:
     h, w = size_hw
     if (image.height, image.width) == (h, w):  # torchvision returns the input unchanged
         return image
     return image.resize((w, h), resample)
+
+
+def _resize_center_crop(image: Image.Image, size_hw: tuple[int, int], crop_hw: tuple[int, int],
+                        resample: int) -> Image.Image:
+    """The part of ``image`` resized to ``size_hw`` that a center crop to ``crop_hw`` keeps, resampling only that
+    part (an axis shorter than the crop is kept whole; :func:`_center_crop_or_pad` pads it afterwards).
+
+    Pillow resizes in two passes, horizontal first, rounding to 8 bits in between; so does this, each pass with a
+    source ``box`` (same filter, scale and pixel centres as the full resize): the kept pixels equal the full
+    resize's up to float rounding in the filter weights (at most 2 of 255 levels, on a few % of the pixels:
+    ``tests/runtime/test_hostile_images.py``). Only the source rows the vertical pass reads are resampled
+    horizontally, so neither pass materialises the upscaled image.
+    """
+    (h, w), (crop_h, crop_w) = size_hw, crop_hw
+    top, out_h = (int(round((h - crop_h) / 2.0)), crop_h) if h >= crop_h else (0, h)
+    left, out_w = (int(round((w - crop_w) / 2.0)), crop_w) if w >= crop_w else (0, w)
+    sx, sy = image.width / w, image.height / h
+    y_in0, y_in1 = top * sy, min((top + out_h) * sy, image.height)
+    # rows the vertical filter reads: its support (2 for bicubic, scaled up when downscaling) around the box
+    margin = int(math.ceil(2.0 * max(sy, 1.0))) + 2
+    y0, y1 = max(0, int(math.floor(y_in0)) - margin), min(image.height, int(math.ceil(y_in1)) + margin)
+    strip = image.crop((0, y0, image.width, y1)) if (y0, y1) != (0, image.height) else image
+    rows = strip.resize((out_w, strip.height), resample,
+                        box=(left * sx, 0, min((left + out_w) * sx, image.width), strip.height))
+    return rows.resize((out_w, out_h), resample, box=(0, y_in0 - y0, out_w, y_in1 - y0))
 
 
 def _shortest_edge_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:

@@ -13,6 +13,12 @@
   service), and GPU arenas grow by what is requested only: working memory is returned after each run instead of
   kept. It did not lower the peak RSS of a one-shot ViT-B/16 run (README.md, benchmarks, #13).
 
+``threads`` is bounded by :func:`max_threads` (the machine's cores x 4): far more intra-op threads than cores
+only slows ONNX Runtime down, and very large counts make it hang while creating its thread pool.
+``log_severity`` is the lowest ONNX Runtime log level printed to stderr (``diki-edge predict``: 4 = fatal only
+under ``--quiet``, 3 = errors by default, 1 = info under ``--verbose``); it is applied to the session and to
+ONNX Runtime's process-wide default logger, which prints the messages of session creation.
+
 A :class:`Session` is safe to share between threads: ``InferenceSession.run`` is thread-safe, IO bindings are
 created per call, and a :class:`BankHandle` is immutable.
 """
@@ -32,6 +38,13 @@ from diki_edge_runtime.providers import CUDA_DEVICE_PROVIDERS, check_started, pl
 INSTALL_HINT = "pip install 'diki-edge-runtime[cpu]' (or 'diki-edge-runtime[gpu]' for CUDA and TensorRT)"
 # GPU providers whose memory arena can be told to grow by what is requested only (low-memory mode).
 _ARENA_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider")
+THREADS_PER_CORE = 4
+DEFAULT_LOG_SEVERITY = 3  # ONNX Runtime: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+
+
+def max_threads() -> int:
+    """The most intra-op threads a session accepts: the machine's cores x :data:`THREADS_PER_CORE`."""
+    return (os.cpu_count() or 1) * THREADS_PER_CORE
 
 _DTYPES = {
     "float32": np.float32, "float": np.float32, "tensor(float)": np.float32,
@@ -85,15 +98,22 @@ class Session:
 
     def __init__(self, model_path: str | os.PathLike, provider: str | Sequence[str] = "cpu",
                  threads: int | None = None, device_id: int = 0, io_binding: bool | None = None, *,
-                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False):
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False,
+                 log_severity: int = DEFAULT_LOG_SEVERITY):
         """``provider``: a name or a user-written chain (``"tensorrt,cuda,cpu"`` or a list; providers.py);
         ``provider_options``: ``{provider name: {option: value}}``; ``low_memory``: see the module docstring;
         ``io_binding``: bind the bank as ``OrtValue``s (default: on CUDA and TensorRT only; forcing it on the CPU
-        runs the exact CUDA code path with host ``OrtValue``s, which is how it is tested without a GPU)."""
+        runs the exact CUDA code path with host ``OrtValue``s, which is how it is tested without a GPU);
+        ``log_severity``: the lowest ONNX Runtime log level printed (see the module docstring)."""
         ort = import_onnxruntime()
         self._ort = ort
         if threads is not None and int(threads) < 1:
             raise RuntimeSetupError(f"threads must be >= 1, got {threads}")
+        if threads is not None and int(threads) > max_threads():
+            raise RuntimeSetupError(f"threads must be at most {max_threads()} ({os.cpu_count() or 1} cores x "
+                                    f"{THREADS_PER_CORE}), got {threads}")
+        if not 0 <= int(log_severity) <= 4:
+            raise RuntimeSetupError(f"log_severity must be 0..4, got {log_severity}")
         path = Path(model_path)
         if not path.is_file():
             raise RuntimeSetupError(f"{path}: ONNX model file not found")
@@ -104,7 +124,8 @@ class Session:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only; provider failures are reported by us below
+        options.log_severity_level = int(log_severity)  # provider failures are reported by us below
+        ort.set_default_logger_severity(int(log_severity))
         if self.low_memory:
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False

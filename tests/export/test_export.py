@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from diki_edge_runtime import files  # noqa: E402
 from diki_edge_runtime.bank import TaskBank  # noqa: E402
 from diki_edge.calibrated import CalibratedDiki, bank_tensors  # noqa: E402
 from diki_edge_export.errors import ExportError  # noqa: E402
@@ -242,14 +244,60 @@ def test_empty_bank_is_a_clear_error(world, tmp_path):
 def test_existing_folder_needs_force(world, tmp_path):
     bank_path = world.banks[1].save(tmp_path / "bank.safetensors")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export_model(bank_path, out, backbone=world.backbone, quiet=True)
     with pytest.raises(ExportError, match="already exists"):
         export_model(bank_path, out, backbone=world.backbone, quiet=True)
-    assert (out / "keep.txt").read_text() == "mine"
+    (out / "manifest.json").write_text((out / "manifest.json").read_text().replace('"fp32"', '"fp32" '))
+    stale = tmp_path / f".out{files.TEMP_MARK}{files._host()}-{_dead_pid()}-beef"  # a killed export's staging
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"0" * 1000)
     export_model(bank_path, out, backbone=world.backbone, force=True, quiet=True)
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (out / "model.onnx").is_file() and '"fp32" ' not in (out / "manifest.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors", "out"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_force_replaces_only_a_model_folder(world, tmp_path):
+    bank_path = world.banks[1].save(tmp_path / "bank.safetensors")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (photos / name).write_text("mine")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(photos)
+    cases = {photos: r"photos holds 2 entries \(a\.jpg, b\.jpg\) and no manifest\.json: not a diki-edge model folder",
+             a_file: "notes.txt is a file, not a diki-edge model folder",
+             link: "link is a symlink"}
+    for out, expected in cases.items():
+        with pytest.raises(ExportError, match=expected):
+            export_model(bank_path, out, backbone=world.backbone, force=True, quiet=True)
+    assert sorted(os.listdir(photos)) == ["a.jpg", "b.jpg"] and a_file.read_text() == "mine" and link.is_symlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match="empty is empty and no manifest.json"):
+        export_model(bank_path, empty, backbone=world.backbone, force=True, quiet=True)
+
+
+def test_an_unwritable_output_is_reported_before_loading(world, tmp_path, monkeypatch):
+    from diki_edge_runtime.files import WriteError
+
+    bank_path = world.banks[1].save(tmp_path / "bank.safetensors")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    loaded = []
+    monkeypatch.setattr(TaskBank, "load", lambda *a, **k: loaded.append(a) or None)
+    with pytest.raises(WriteError, match=r"file/model: cannot create the model folder: .* is not a folder"):
+        export_model(bank_path, blocker / "model", backbone=world.backbone, quiet=True)
+    assert loaded == []
 
 
 def test_failed_export_leaves_nothing(world, tmp_path, monkeypatch):
@@ -320,3 +368,17 @@ def test_calibration_levels_axis_is_dynamic(exported, world):
     finite = np.isfinite(ref.logits.numpy())
     np.testing.assert_array_equal(np.isfinite(got["logits"]), finite)
     np.testing.assert_allclose(got["logits"][finite], ref.logits.numpy()[finite], atol=1e-4)
+
+
+def test_a_non_finite_bank_is_refused_before_exporting(world, tmp_path):
+    from diki_edge_runtime.errors import BankError
+    from safetensors.numpy import save_file
+
+    bank = world.banks[1]
+    arrays = {k: v.copy() for k, v in bank.arrays.items()}
+    arrays["class_embeds"][0, 0, 0] = np.nan
+    path = tmp_path / "nan.safetensors"
+    save_file(arrays, str(path), metadata={"diki_edge": json.dumps(bank.metadata())})
+    with pytest.raises(BankError, match=r"nan\.safetensors: array 'class_embeds' holds 1 non-finite"):
+        export_model(path, tmp_path / "out", backbone=world.backbone, quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,7 @@ NOT_IMPORTED = {
     "onnxscript": "torch.onnx's dynamo exporter (export_model(dynamo=True)) imports it",
     "pytest": "the test runner (the runtime's test extra)",
     "pytest-timeout": "the test runner's plugin (the runtime's test extra)",
+    "hypothesis": "the property-based tests (tests/runtime/test_fuzz.py; the runtime's test extra)",
 }
 
 

@@ -1,0 +1,143 @@
+"""``train`` under hostile settings and unlucky disks: invalid settings refused before anything loads, a loss that
+becomes non-finite stops the run with the bank untouched, an unwritable bank path is found before any image is
+read, and a final write that still fails saves the trained task elsewhere and names the file."""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diki_edge.errors import TrainError
+from diki_edge.train import TrainConfig, train_into_bank
+from diki_edge_runtime import files
+from diki_edge_runtime.bank import TaskBank
+from diki_edge_runtime.cli import build_app
+from diki_edge_runtime.errors import DikiEdgeError
+from diki_edge_runtime.files import WriteError
+
+FAST = TrainConfig(epochs=2, batch_size=16)
+
+
+def write_digit_folder(root: Path, classes=(0, 1), per_class=6) -> Path:
+    """A small image folder: one sub-folder per class ("zero", "one", ...) of random-tinted images."""
+    import numpy as np
+    from PIL import Image
+
+    names = ["zero", "one", "two", "three"]
+    rng = np.random.default_rng(sum(classes))
+    for c in classes:
+        (root / names[c]).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 64, (24, 24, 3)) + np.array([60 * c, 255 - 60 * c, 128])
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / names[c] / f"{i}.png")
+    return root
+
+
+def _train_cli(*args: str):
+    return CliRunner().invoke(build_app(), ["train", *args])
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--lr", "nan"], "learning rate must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "learning rate must be a finite number > 0, got inf"),
+    (["--lr", "-5"], "learning rate must be a finite number > 0, got -5"),
+    (["--ridge", "inf"], "covariance ridge must be a finite number >= 0, got inf"),
+    (["--ridge", "nan"], "covariance ridge must be a finite number >= 0, got nan"),
+    (["--template", "{0} {}"], "must hold exactly one '{}'"),
+    (["--template", "no placeholder"], "must hold exactly one '{}'"),
+    (["--template", "{} and {}"], "must hold exactly one '{}'"),
+])
+def test_invalid_settings_are_refused_before_anything_loads(tmp_path, option, expected):
+    bank = tmp_path / "bank.safetensors"
+    done = _train_cli("--bank", str(bank), "--task", "t", "--data", str(tmp_path / "no-such-folder"), *option)
+    assert done.exit_code == 2, done.output
+    assert expected in done.output.replace("\n", "") and "data folder" not in done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+    assert not bank.exists()
+
+
+def test_empty_task_names_are_refused(tmp_path):
+    for name in ("", "   "):
+        with pytest.raises(TrainError, match="task name must be a non-empty string"):
+            train_into_bank(tmp_path / "b.safetensors", tmp_path / "no-such-folder", name, quiet=True)
+    done = _train_cli("--bank", str(tmp_path / "b.safetensors"), "--task", "", "--data", str(tmp_path))
+    assert done.exit_code == 1 and "task name must be a non-empty string" in done.output
+
+
+def test_a_non_finite_loss_stops_the_run_and_leaves_the_bank_untouched(tmp_path, tiny_model_spec):
+    bank_path = tmp_path / "bank.safetensors"
+    train_into_bank(bank_path, write_digit_folder(tmp_path / "a", (0, 1)), "a", model=tiny_model_spec, cfg=FAST,
+                    quiet=True)
+    before = bank_path.read_bytes()
+    huge = TrainConfig(epochs=3, batch_size=16, lr=1e38)  # finite, but the first step overflows the logits
+    with pytest.raises(TrainError, match=r"training loss became (nan|inf) at epoch \d+, step \d+ .*nothing was "
+                                         r"written"):
+        train_into_bank(bank_path, write_digit_folder(tmp_path / "b", (2, 3)), "b", cfg=huge, quiet=True)
+    assert bank_path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "bank.safetensors"]
+
+
+def test_an_unwritable_bank_path_is_reported_before_any_image_is_read(tmp_path, tiny_model_spec, monkeypatch):
+    import diki_edge.train as train_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("images were loaded before the bank path was checked")
+
+    monkeypatch.setattr(train_module, "load_tensors", no_loading)
+    data = write_digit_folder(tmp_path / "d", (0, 1))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WriteError, match=r"file/bank\.safetensors: cannot create the bank: .* is not a folder"):
+        train_into_bank(blocker / "bank.safetensors", data, "t", model=tiny_model_spec, cfg=FAST, quiet=True)
+
+    usage = namedtuple("usage", "total used free")
+    real = files.shutil.disk_usage
+
+    def nearly_full(path):  # the probe file fits, a bank does not
+        return usage(real(path).total, real(path).total - 100_000, 100_000)
+
+    monkeypatch.setattr(files.shutil, "disk_usage", nearly_full)
+    with pytest.raises(WriteError, match=r"bank\.safetensors: not enough space for the bank: about [\d.]+ MB needed"):
+        train_into_bank(tmp_path / "bank.safetensors", data, "t", model=tiny_model_spec, cfg=FAST, quiet=True)
+    assert not (tmp_path / "bank.safetensors").exists()
+
+
+def test_a_failed_final_write_saves_the_trained_task_and_names_it(tmp_path, tiny_model_spec, monkeypatch):
+    bank_path = tmp_path / "bank.safetensors"
+    train_into_bank(bank_path, write_digit_folder(tmp_path / "a", (0, 1)), "a", model=tiny_model_spec, cfg=FAST,
+                    quiet=True)
+    before = bank_path.read_bytes()
+    real_save = TaskBank.save
+
+    def disk_full_for_the_bank(self, path):
+        if Path(path) == bank_path:
+            raise WriteError(f"{path}: cannot write the bank: OSError: [Errno 28] No space left on device")
+        return real_save(self, path)
+
+    monkeypatch.setattr(TaskBank, "save", disk_full_for_the_bank)
+    with pytest.raises(TrainError) as info:
+        train_into_bank(bank_path, write_digit_folder(tmp_path / "b", (2, 3)), "b/new", cfg=FAST, quiet=True)
+    message = str(info.value)
+    assert "No space left on device" in message and "the trained task 'b/new' was saved to" in message
+    rescued = Path(message.split("was saved to ")[1].split(" — ")[0])
+    assert rescued.parent == tmp_path and rescued.name.startswith("bank.b_new.rescued-")
+    saved = TaskBank.load(rescued)
+    assert saved.task_names == ["b/new"] and sorted(saved.tasks[0].classes) == ["three", "two"]
+    assert bank_path.read_bytes() == before
+
+    monkeypatch.setattr(TaskBank, "save", real_save)  # the message's merge command works
+    merged = tmp_path / "merged.safetensors"
+    done = CliRunner().invoke(build_app(), ["bank", "merge", str(merged), str(bank_path), str(rescued)])
+    assert done.exit_code == 0, done.output
+    assert TaskBank.load(merged).task_names == ["a", "b/new"]
+
+
+def test_train_config_errors_are_user_errors():
+    with pytest.raises(DikiEdgeError):
+        TrainConfig(levels=1)
+    with pytest.raises(DikiEdgeError):
+        TrainConfig(epochs=0)
