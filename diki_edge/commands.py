@@ -43,22 +43,40 @@ def train(
     levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
+    precision: str = typer.Option("fp32", help="Training precision: fp32, or bf16/fp16 autocast on CUDA "
+                                               "(statistics and the text table stay fp32)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding processes (default: 0 on the CPU, "
+                                                            "up to 8 per GPU)."),
+    checkpoint_every: int = typer.Option(0, min=0, help="Also checkpoint every N steps (always: every epoch)."),
+    resume: bool = typer.Option(False, help="Continue the task from its checkpoint beside the bank."),
 ) -> None:
-    """Learn one task from an image folder and append it to a bank (atomically)."""
-    from diki_edge.train import TrainConfig, train_into_bank
+    """Learn one task from an image folder and append it to a bank (atomically).
+
+    Streams the images; runs on the CPU or CUDA; under torchrun (``torchrun --nproc-per-node N -m diki_edge train
+    ...``) on every process of the job, with the same result as one process."""
+    from diki_edge.train import RunOptions, TrainConfig, train_into_bank
 
     try:  # every setting is checked before anything is loaded
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
                           levels=levels)
     except DikiEdgeError as exc:
         fail(str(exc), 2)
+    options = RunOptions(device=device, precision=precision, workers=workers, checkpoint_every=checkpoint_every,
+                         resume=resume)
     try:
         new_bank, report = train_into_bank(bank, data, task, model=model, pretrained=pretrained, cfg=cfg,
-                                           replace=replace, quiet=quiet)
+                                           replace=replace, quiet=quiet, options=options,
+                                           on_device=lambda note: err.print(note, highlight=False))
     except DikiEdgeError as exc:
         fail(str(exc))
+    if report.rank != 0:
+        return
     msg = (f"task {report.task!r}: {report.samples} images, train accuracy {report.train_accuracy:.1%}, "
-           f"{report.seconds:.1f}s -> {bank} ({new_bank.num_tasks} tasks)")
+           f"{report.seconds:.1f}s on {report.device}"
+           + (f" x {report.processes} processes" if report.processes > 1 else "")
+           + (f", resumed at {report.resumed_from}" if report.resumed_from else "")
+           + f" -> {bank} ({new_bank.num_tasks} tasks)")
     if report.skipped:
         msg += f"; skipped {report.skipped} unreadable images"
     err.print(msg, highlight=False)

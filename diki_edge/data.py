@@ -1,4 +1,5 @@
-"""Training data: an image-folder layout (one sub-folder per class) read into tensors with the backbone's transform.
+"""Training data: an image-folder layout (one sub-folder per class), its class names and decoding (streamed by
+:mod:`diki_edge.loader`; :func:`load_tensors` reads a small folder into memory).
 
 ``root/<class folder>/<image>``: the folder name gives the class name used in the prompt (underscores become
 spaces), unless ``root/classes.txt`` maps them — one line per class, either ``folder: class name`` or just the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from diki_edge_runtime.images import IMAGE_SUFFIXES
@@ -74,7 +75,9 @@ def open_rgb(path: Path) -> Image.Image:
 
 def load_tensors(folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor],
                  on_image: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and transform every sample once (tasks are small; a bad file is skipped and recorded)."""
+    """Decode and transform every sample into memory (a bad file is skipped and recorded). For small sets only:
+    training streams folders through :mod:`diki_edge.loader`; this is the in-memory reference it is tested and
+    benchmarked against."""
     images, labels = [], []
     for path, label in folder.samples:
         try:
@@ -88,9 +91,3 @@ def load_tensors(folder: ImageFolder, transform: Callable[[Image.Image], torch.T
         raise DataError(f"{folder.root}: fewer than 2 readable images")
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
-
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
-            shuffle: bool = True) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]

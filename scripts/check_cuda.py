@@ -20,7 +20,13 @@ run. ``None`` as a check means "not run here" (a dry run, or TensorRT absent).
   photos through ``predict(paths)`` with the default decode workers vs ``workers=0``;
 * ``tensorrt``: when the build offers TensorRT: ``provider="tensorrt,cuda"`` with an engine cache, parity with the
   CPU and latency at batch 1 / 8;
-* the training smoke run (the training issue) registers itself in :data:`PARTS` as ``training``.
+* ``training``: ``diki-edge train`` of a real DCIL task (textures, bundled backbone, 3 epochs, batch 32, 2 loader
+  workers) on the CPU (fp32), on CUDA in fp32 and in bf16. Bounds, relative to the largest entry of the CPU
+  run's arrays (:data:`TRAIN_BOUNDS`): statistics CUDA fp32 vs CPU 1e-5 (other fp32 kernels; TF32 is off for
+  them), CUDA bf16 vs CUDA fp32 1e-12 (the statistics never see the training precision); adapters CUDA fp32 vs
+  CPU 1e-3 (float32 reduction order through 3 epochs of SGD), bf16 vs CPU 0.1 (8-bit mantissa); class text
+  tables (always fp32) 1e-3 / 0.05; held-out top-1 of the three banks within 5 points; images/s in fp32 and
+  bf16. A dry run trains on the CPU twice (bit-identical) and leaves bf16 out.
 
 Writes ``<out>/gpu_check.json`` (``gpu_check_dry_run.json`` for a dry run) and prints one line per check. Exit
 codes: 0 every check passed, 1 a check failed, 2 no usable CUDA provider (nothing long is started then; use
@@ -255,7 +261,79 @@ def part_tensorrt(ctx: Context) -> dict[str, Any]:
             "figures": figures}
 
 
-# name -> part, in the order of the run. The training issue adds its smoke run here as "training".
+TRAIN_BOUNDS = {  # relative to the largest entry of the reference (the CPU run); see the module docstring
+    "stats_fp32_vs_cpu": 1e-5,
+    "stats_bf16_vs_fp32": 1e-12,
+    "adapter_fp32_vs_cpu": 1e-3,
+    "adapter_bf16_vs_cpu": 0.1,
+    "table_fp32_vs_cpu": 1e-3,
+    "table_bf16_vs_cpu": 0.05,
+    "top1_points": 5.0,
+}
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
+
+
+def part_training(ctx: Context) -> dict[str, Any]:
+    import torch
+
+    from diki_edge.backbone import load_backbone
+    from diki_edge.calibrated import CalibratedDiki, bank_tensors
+    from diki_edge.datasets import make_task, write_image_folder
+    from diki_edge.model import DikiCLIP
+    from diki_edge.train import RunOptions, TrainConfig, image_transform, train_into_bank
+
+    device = "cpu" if ctx.dry_run else "cuda"
+    task = make_task("textures")
+    data = write_image_folder(task, ctx.tmp / "train-data")
+    cfg = TrainConfig(epochs=3, batch_size=32)
+    runs = {"cpu": ("cpu", "fp32"), "fp32": (device, "fp32")}
+    if not ctx.dry_run:
+        runs["bf16"] = (device, "bf16")
+    banks, speed = {}, {}
+    for name, (dev, precision) in runs.items():
+        t0 = time.perf_counter()
+        bank, report = train_into_bank(ctx.tmp / f"train-{name}.safetensors", data, "textures", cfg=cfg, quiet=True,
+                                       options=RunOptions(device=dev, precision=precision, workers=2))
+        seconds = time.perf_counter() - t0
+        banks[name] = bank
+        speed[name] = {"device": report.device, "seconds": round(seconds, 2),
+                       "images_per_s": round(report.samples * cfg.epochs / seconds, 1)}
+    backbone = load_backbone()
+    transform = image_transform(backbone)
+    x = torch.stack([transform(im) for im, _ in task.test])
+    y = torch.tensor([label for _, label in task.test])
+    model = CalibratedDiki(DikiCLIP(backbone.model)).eval()
+    top1 = {}
+    for name, bank in banks.items():
+        with torch.no_grad():
+            top1[name] = 100.0 * float((model(x, **bank_tensors(bank)).logits.argmax(1) == y).float().mean())
+    diffs: dict[str, float] = {}
+    ref = banks["cpu"].arrays
+    for name in [n for n in banks if n != "cpu"]:
+        arr = banks[name].arrays
+        diffs[f"stats_{name}_vs_cpu"] = max(_relative(ref[k], arr[k]) for k in ("stats_sum", "stats_outer"))
+        diffs[f"adapter_{name}_vs_cpu"] = max(_relative(ref[k], arr[k])
+                                              for k in ("bank_k", "bank_v", "text_k", "text_v"))
+        diffs[f"table_{name}_vs_cpu"] = _relative(ref["class_embeds"], arr["class_embeds"])
+    if "bf16" in banks:
+        diffs["stats_bf16_vs_fp32"] = max(_relative(banks["fp32"].arrays[k], banks["bf16"].arrays[k])
+                                          for k in ("stats_sum", "stats_outer"))
+    checks: dict[str, bool | None] = {f"{k}_within_{TRAIN_BOUNDS[k]:g}": v <= TRAIN_BOUNDS[k]
+                                      for k, v in diffs.items() if k in TRAIN_BOUNDS}
+    checks["bf16_ran"] = None if ctx.dry_run else "bf16" in banks
+    checks[f"top1_within_{TRAIN_BOUNDS['top1_points']:g}_points"] = (
+        max(top1.values()) - min(top1.values()) <= TRAIN_BOUNDS["top1_points"])
+    checks["trained_on_cuda"] = None if ctx.dry_run else all(speed[n]["device"].startswith("cuda")
+                                                             for n in runs if n != "cpu")
+    return {"checks": checks, "figures": {"runs": speed, "top1": top1, "differences": diffs,
+                                          "bounds": TRAIN_BOUNDS}}
+
+
+# name -> part, in the order of the run.
 PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "env": part_env,
     "parity": part_parity,
@@ -263,6 +341,7 @@ PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fp16": part_fp16,
     "latency": part_latency,
     "tensorrt": part_tensorrt,
+    "training": part_training,
 }
 
 

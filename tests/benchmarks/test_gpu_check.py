@@ -35,7 +35,7 @@ def test_without_cuda_it_refuses_before_any_work(script, tmp_path, capsys):
 def test_arguments(script):
     args = script.parse_args(["--parts", "parity, latency", "--repeats", "3", "--photos", "64"])
     assert args.parts == ["parity", "latency"] and args.repeats == 3 and args.photos == 64 and not args.dry_run
-    assert list(script.PARTS) == ["env", "parity", "io_binding", "fp16", "latency", "tensorrt"]
+    assert list(script.PARTS) == ["env", "parity", "io_binding", "fp16", "latency", "tensorrt", "training"]
     for bad in (["--parts", "parity,nope"], ["--repeats", "0"], ["--photos", "500"]):
         with pytest.raises(SystemExit) as exc:
             script.parse_args(bad)
