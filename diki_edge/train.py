@@ -397,7 +397,12 @@ class TaskRun:
                     ckpt.save(*self._snapshot(lp, adapter, stats, failures, mid_epoch=False))
 
             loop.after_step, loop.after_epoch = after_step, after_epoch
-        loss, acc = loop.run()
+        try:
+            loss, acc = loop.run()
+        except TrainError:  # a diverged run: resuming its checkpoint could only diverge again
+            if self.checkpointer is not None:
+                self.checkpointer.remove()
+            raise
         failures = sorted(set(failures) | set(f for part in ctx.all_gather(loop.failures) for f in part))
         return adapter, stats, failures, loss, acc
 

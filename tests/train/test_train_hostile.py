@@ -87,7 +87,7 @@ def test_an_unwritable_bank_path_is_reported_before_any_image_is_read(tmp_path, 
     def no_loading(*args, **kwargs):
         raise AssertionError("images were loaded before the bank path was checked")
 
-    monkeypatch.setattr(train_module, "load_tensors", no_loading)
+    monkeypatch.setattr(train_module, "statistics_pass", no_loading)  # the first read of the images
     data = write_digit_folder(tmp_path / "d", (0, 1))
     blocker = tmp_path / "file"
     blocker.write_text("x")
