@@ -63,7 +63,7 @@ OWN = [
     ("roofline", "benchmarks.bench_roofline", 10),
     ("throughput", "benchmarks.bench_throughput", 13),  # issue 13: decode pool, fast decode
     ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # issue 13: ViT-B/16, low memory
-    ("train", "benchmarks.bench_train", 10),  # issue 11: streamed vs in-memory training, gloo, CUDA fp32/bf16
+    ("train", "benchmarks.bench_train", 11),  # issue 11: streamed vs in-memory training, gloo, CUDA fp32/bf16
 ]
 # Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
 EXTERNAL = [

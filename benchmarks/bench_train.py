@@ -1,4 +1,4 @@
-"""#10 Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
+"""#11 Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
 
 Target (issue 11): at 224 px, batch 32, random weights (ViT-B/16; --quick: ViT-B/32), the streamed loader costs at
 most 10 % more per image than the in-memory path on the same threads (the images decoded in the same process:
