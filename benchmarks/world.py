@@ -84,7 +84,7 @@ class World:
         size = self.backbone.preprocess_cfg.get("size", 224)
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         key = json.dumps({"model": model, "hash": self.backbone.weights_sha256, "tasks": cfg.tasks,
-                          "classes": cfg.classes, "fit": cfg.fit_images, "v": 2}, sort_keys=True)
+                          "classes": cfg.classes, "fit": cfg.fit_images, "v": 3}, sort_keys=True)  # v3: text graph
         self.key = hashlib.sha256(key.encode()).hexdigest()[:12]
         safe = model.replace("/", "_").replace(":", "_")[-40:]
         self.dir = cfg.cache_dir / f"{safe}-{self.key}"

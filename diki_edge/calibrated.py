@@ -38,6 +38,7 @@ class CalibratedOutput(NamedTuple):
     weight: torch.Tensor  # [B]
     task_scores: torch.Tensor  # [B, T]
     image_embeds: torch.Tensor  # [B, D]
+    frozen_embeds: torch.Tensor  # [B, D]: pass 1, what the Gaussians score
 
 
 def calibration_levels(count: int = DEFAULT_LEVELS) -> list[float]:
@@ -119,7 +120,7 @@ class CalibratedDiki(nn.Module):
             f[idx] = self.diki.encode_image(pixel_values[idx], bank_k[t], bank_v[t], weight[idx])
         text_weight = weight.mean().expand_as(weight) if self.batch_vote else weight
         logits = self.classify(f, task, text_weight, class_embeds, class_task)
-        return CalibratedOutput(logits, task, weight, scores, f)
+        return CalibratedOutput(logits, task, weight, scores, f, f0)
 
 
 def tokenize(tokenizer, classes: Sequence[str], template: str) -> torch.Tensor:

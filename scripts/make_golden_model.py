@@ -10,8 +10,14 @@
   task (the ``four`` bank is ``three`` merged with it) and ``banks/pets-other-classes.safetensors`` a ``pets``
   task with other classes (the ``other-classes`` bank is ``three`` with its ``pets`` replaced by that one);
 * ``images/``: small PNGs (unseen crops of every photograph, an unrelated photograph, noise);
+* ``examples/portraits/``: more crops of the ``portraits`` photograph (never in a bank), the example images of
+  a label-only task added on the device (``diki-edge bank add-task``);
 * ``golden.npz`` (no pickles): for every image, open_clip's own transform (``pixel_values``) and the PyTorch
-  reference (:class:`diki_edge.calibrated.CalibratedDiki`) outputs under each bank (``<bank>.<output>``);
+  reference (:class:`diki_edge.calibrated.CalibratedDiki`) outputs under each bank (``<bank>.<output>``); the
+  reference of prediction with ``LABELS`` under the ``three`` bank (``three.labels.{task,weight,probs}``:
+  ``CalibratedDiki`` with the labels' table, every label under every task's text adapter at every level,
+  ``probs`` the softmax over the labels under the selected task); and text embeddings of ``TEXTS``
+  (``text.frozen``: the frozen text encoder, ``text.drinks@0.37``: under the ``drinks`` adapter at M = 0.37);
 * ``golden.json``: the image order, the banks, and which task each image's photograph belongs to.
 
 ``tests/export/test_golden.py`` regenerates the folder in a temporary directory and compares it with the
@@ -43,6 +49,11 @@ OTHER_PETS_CLASSES = ["kitten", "puppy", "hamster", "parrot"]
 # from them by bank operations, as the runtime's tests rebuild them (see :func:`golden_banks`).
 TASK_FILES = {"portraits": "banks/portraits.safetensors", "pets-other-classes": "banks/pets-other-classes.safetensors"}
 FIT_IMAGES = 48  # crops per task the Gaussian is fitted to
+EXAMPLE_IMAGES = 48  # example crops for a label-only task (> D = 32: a full-rank covariance)
+LABELS = ["rocket", "cat", "cup of coffee", "astronaut", "tree", "car"]  # labels given at prediction time
+LABELS_TEMPLATE = "a photo of a {}."
+TEXTS = ["a red car", "Café au lait ☕", "東京", ""]  # encode_text references
+TEXT_TASK, TEXT_WEIGHT = "drinks", 0.37
 LONG_EDGE = 64  # images are stored this small: the graph sees 32 x 32 anyway
 
 
@@ -131,6 +142,9 @@ def make_golden(out: str | Path, quiet: bool = True) -> Path:
     (out / "images").mkdir()
     for name, im in images.items():
         im.save(out / "images" / f"{name}.png", optimize=True)
+    (out / "examples" / "portraits").mkdir(parents=True)
+    for i, im in enumerate(_variants(PHOTOS["portraits"], EXAMPLE_IMAGES, seed=50)):
+        im.save(out / "examples" / "portraits" / f"{i:02d}.png", optimize=True)
     pixels = torch.stack([transform(im.convert("RGB")) for im in images.values()])
     golden = {"pixel_values": pixels.numpy()}
     calibrated = CalibratedDiki(diki).eval()
@@ -138,14 +152,52 @@ def make_golden(out: str | Path, quiet: bool = True) -> Path:
         for name, bank in banks.items():
             ref = calibrated(pixels, **bank_tensors(bank))
             golden.update({f"{name}.{k}": v.numpy() for k, v in zip(OUTPUT_NAMES, ref)})
+        golden.update(_label_reference(calibrated, backbone.tokenizer, banks["three"], pixels))
+        golden.update(_text_reference(diki, backbone.tokenizer, banks["three"]))
     np.savez_compressed(out / "golden.npz", **golden)
     familiar = {name: next(t for t, p in PHOTOS.items() if p == name.rsplit("_", 1)[0])
                 for name in images if name.rsplit("_", 1)[0] in PHOTOS.values()}
     meta = {"images": [f"images/{n}.png" for n in images], "banks": sorted(banks), "familiar_task": familiar,
-            "classes": CLASSES, "other_pets_classes": OTHER_PETS_CLASSES,
+            "classes": CLASSES, "other_pets_classes": OTHER_PETS_CLASSES, "labels": LABELS,
+            "labels_template": LABELS_TEMPLATE, "texts": TEXTS, "text_task": TEXT_TASK, "text_weight": TEXT_WEIGHT,
+            "examples": {"portraits": [f"examples/portraits/{i:02d}.png" for i in range(EXAMPLE_IMAGES)]},
             "regenerate": "python scripts/make_golden_model.py"}
     (out / "golden.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _label_reference(calibrated, tokenizer, bank, pixels) -> dict:
+    """``CalibratedDiki`` with the labels' table (see the module docstring): ``three.labels.*``."""
+    import torch
+
+    from diki_edge.calibrated import bank_tensors, class_text_table
+
+    tokens = tokenizer([LABELS_TEMPLATE.format(label) for label in LABELS])
+    levels = bank.layout.calibration_levels
+    tables = [class_text_table(calibrated.diki, tokens, torch.from_numpy(bank.arrays["text_k"][t].copy()),
+                               torch.from_numpy(bank.arrays["text_v"][t].copy()), levels)
+              for t in range(bank.num_tasks)]
+    inputs = {**bank_tensors(bank), "class_embeds": torch.cat(tables, dim=1),
+              "class_task": torch.arange(bank.num_tasks).repeat_interleave(len(LABELS))}
+    out = calibrated(pixels, **inputs)
+    task = out.task.numpy()
+    logits = out.logits.numpy().reshape(len(task), bank.num_tasks, len(LABELS))[np.arange(len(task)), task]
+    probs = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    return {"three.labels.task": task, "three.labels.weight": out.weight.numpy(),
+            "three.labels.probs": probs / probs.sum(1, keepdims=True)}
+
+
+def _text_reference(diki, tokenizer, bank) -> dict:
+    """``DikiCLIP.encode_text`` of ``TEXTS``: frozen, and under ``TEXT_TASK``'s adapter at ``TEXT_WEIGHT``."""
+    import torch
+
+    from diki_edge.calibrated import exact_class_embeds
+
+    tokens = tokenizer(TEXTS)
+    t = bank.task_names.index(TEXT_TASK)
+    k, v = (torch.from_numpy(bank.arrays[n][t].copy()) for n in ("text_k", "text_v"))
+    return {"text.frozen": diki.encode_text(tokens).numpy(),
+            f"text.{TEXT_TASK}@{TEXT_WEIGHT}": exact_class_embeds(diki, tokens, k, v, TEXT_WEIGHT).numpy()}
 
 
 def golden_banks(folder: str | Path) -> dict:

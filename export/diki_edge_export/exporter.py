@@ -9,7 +9,10 @@ folders of killed exports to the same path are removed by the next export)::
     bank.safetensors      a copy of the bank; TaskBank.load(...).graph_inputs() are the graph's bank inputs
     preprocess.json       size, mode, mean, std, interpolation, resize_mode, fill_color (open_clip's eval transform)
     manifest.json         format version, inputs/outputs, backbone + hash, bank layout, opset, exporter,
-                          precision, skip threshold, validation figures, validated providers
+                          precision, skip threshold, validation figures, validated providers, and the
+                          ``text`` section (text graph inputs/outputs, tokenizer, its validation figures)
+    text.onnx             the text encoder with the bank's text adapters as inputs (diki_edge_export.text)
+    tokenizer.json        the backbone's BPE for the runtime's torch-free tokenizer
 
 Decisions (also in the README's architecture section):
 
@@ -48,6 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from diki_edge_runtime.contract import (
     BANK_FILE,
     MANIFEST_FILE,
@@ -59,7 +63,14 @@ from diki_edge_runtime.contract import (
     OUTPUT_NAMES,
     PRECISIONS,
     PREPROCESS_FILE,
+    TEXT_GRAPH_INPUTS,
+    TEXT_GRAPH_OUTPUTS,
+    TEXT_INPUT_NAMES,
+    TEXT_MODEL_FILE,
+    TEXT_OUTPUT_NAMES,
+    TOKENIZER_FILE,
     Manifest,
+    TextSection,
     dynamic_axes,
     resolved_io,
 )
@@ -199,20 +210,28 @@ def _expected_bytes(clip, bank_path: Path, precision: str) -> int:
     return int(params * per_param + bank_path.stat().st_size)
 
 
-def _export_onnx(graph, example: tuple, path: Path, opset: int, dynamo: bool) -> None:
+def _export_onnx(graph, example: tuple, path: Path, opset: int, dynamo: bool, text: bool = False) -> None:
+    """``torch.onnx.export`` of the image graph (or, with ``text``, the text graph) with the contract's names."""
     import torch
 
-    from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
+    from diki_edge.model import _text_transformer
+    from diki_edge_export.graph import frozen_attention_rewritten, mha_fastpath_disabled, static_reshapes
 
-    kwargs: dict[str, Any] = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                                  dynamic_axes=dynamic_axes(), opset_version=opset, dynamo=dynamo)
+    if text:
+        names, specs = (TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES), TEXT_GRAPH_INPUTS + TEXT_GRAPH_OUTPUTS
+        rewrite = frozen_attention_rewritten(_text_transformer(graph.diki.clip).resblocks)
+    else:
+        names, specs = (INPUT_NAMES, OUTPUT_NAMES), None
+        rewrite = static_reshapes(graph.diki.clip.visual)
+    kwargs: dict[str, Any] = dict(input_names=list(names[0]), output_names=list(names[1]),
+                                  dynamic_axes=dynamic_axes(specs) if specs else dynamic_axes(),
+                                  opset_version=opset, dynamo=dynamo)
     if dynamo:
         kwargs.update(external_data=True, optimize=True)
     else:
         kwargs.update(do_constant_folding=True)
     try:
-        with torch.no_grad(), mha_fastpath_disabled(), static_reshapes(graph.diki.clip.visual), \
-                warnings.catch_warnings():
+        with torch.no_grad(), mha_fastpath_disabled(), rewrite, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, example, str(path), **kwargs)
     except DikiEdgeError:
@@ -357,6 +376,8 @@ class ExportPlan:
     dynamo: bool
     skip_below: float
     force: bool
+    tokenizer_spec: Any = None  # diki_edge_runtime.tokenizer.TokenizerSpec
+    tokenizer_text: str = ""  # tokenizer.json, verified against the backbone's open_clip tokenizer
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -375,6 +396,7 @@ class Validated:
     validations: dict[str, Any]
     providers: list[str]
     not_validated: str | None
+    text_validations: dict[str, Any] = field(default_factory=dict)  # variant -> Validation of text.onnx
 
 
 def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
@@ -387,9 +409,10 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     :class:`~diki_edge.backbone.Backbone`) skips loading. Raises :class:`ExportError` (or ``BankError`` /
     ``BackboneError``) with a readable message; on any failure ``out_dir`` is left untouched.
 
-    Four steps: :func:`check_export` (everything that can fail before the long work), :func:`build_graph`,
-    :func:`validate_graph` (against the PyTorch reference; raises when outside the bounds), and
-    :func:`write_model_folder`; the folder is staged beside ``out_dir`` and renamed into place at the end.
+    Steps: :func:`check_export` (everything that can fail before the long work, the tokenizer included),
+    :func:`build_graph`, :func:`validate_graph` (against the PyTorch reference; raises when outside the bounds),
+    :func:`build_text_graph`, :func:`validate_text_graph` and :func:`write_model_folder`; the folder is staged
+    beside ``out_dir`` and renamed into place at the end.
     """
     t_start = time.perf_counter()
     steps = _Steps(quiet)
@@ -399,6 +422,8 @@ def export_model(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     with staging_dir(plan.out_dir) as tmp:  # removed again on any failure
         base_path = build_graph(plan, tmp, steps)
         validated = validate_graph(plan, base_path, tmp, steps)
+        text_base = build_text_graph(plan, tmp, steps)
+        validated.text_validations = validate_text_graph(plan, text_base, tmp, steps)[1]
         manifest = write_model_folder(plan, tmp, validated)
         _check_out_dir(plan.out_dir, force)  # again: something may have appeared there while exporting
         replace_dir(tmp, plan.out_dir)
@@ -452,9 +477,14 @@ def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     if problem:
         raise ExportError(f"{bank_path}: bank does not fit this backbone: {problem}")
     calibrated = CalibratedDiki(diki, skip_below=skip_below).eval()
+    from diki_edge_export.text import export_tokenizer
+
+    prompts = sorted({t.template.format(c) for t in bank.tasks for c in t.classes} | {t.template for t in bank.tasks})
+    tok_spec, tok_text = steps.run("checking the tokenizer against open_clip's", export_tokenizer,
+                                   backbone.tokenizer, prompts)
     return ExportPlan(bank_path, out_dir, bank, backbone, digest, diki, calibrated,
                       preprocess_json(backbone.preprocess_cfg), precision, int(opset), bool(dynamo),
-                      float(skip_below), force)
+                      float(skip_below), force, tok_spec, tok_text)
 
 
 def build_graph(plan: ExportPlan, tmp: Path, steps: "_Steps") -> Path:
@@ -480,6 +510,85 @@ def build_graph(plan: ExportPlan, tmp: Path, steps: "_Steps") -> Path:
     base_path = steps.run("onnx.checker", _finalize_onnx, scratch, base_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     return base_path
+
+
+def build_text_graph(plan: ExportPlan, tmp: Path, steps: "_Steps") -> Path:
+    """Trace the text graph (encoder in float16 for fp16) and run the checker; returns the fp32/fp16 text graph
+    (in ``tmp``, or in ``tmp/_fp32`` when int8 will be derived from it)."""
+    import torch
+
+    from diki_edge_export.text import TextGraph
+
+    scratch = tmp / "_text_scratch"
+    scratch.mkdir()
+    ctx = plan.tokenizer_spec.context_length
+    text_k = torch.from_numpy(np.ascontiguousarray(plan.bank.arrays["text_k"], np.float32))
+    text_v = torch.from_numpy(np.ascontiguousarray(plan.bank.arrays["text_v"], np.float32))
+    example = (torch.ones(2, ctx, dtype=torch.int64), text_k, text_v, torch.zeros(2, dtype=torch.int64),
+               torch.full((2,), 0.5))
+    encoder_dtype = torch.float16 if plan.precision == "fp16" else torch.float32
+    graph = TextGraph(plan.diki, encoder_dtype).eval()
+    path = scratch / TEXT_MODEL_FILE
+    steps.run(f"exporting {plan.precision} text graph", _export_onnx, graph, example, path, plan.opset, plan.dynamo,
+              text=True)
+    del graph
+    base_dir = tmp if plan.precision != "int8" else tmp / "_fp32"
+    base_dir.mkdir(exist_ok=True)
+    dest = base_dir / TEXT_MODEL_FILE
+    if any(p.name != TEXT_MODEL_FILE for p in scratch.iterdir()):  # dynamo writes weights beside the graph
+        import onnx
+
+        onnx.save_model(onnx.load(str(path), load_external_data=True), str(dest))
+    else:
+        shutil.move(str(path), str(dest))
+    shutil.rmtree(scratch, ignore_errors=True)
+    steps.run("onnx.checker (text)", onnx_check, dest)
+    return dest
+
+
+def validate_text_graph(plan: ExportPlan, base_path: Path, tmp: Path, steps: "_Steps") -> tuple[Path, dict]:
+    """The text graph against ``DikiCLIP.encode_text`` (fp32) and, for fp16/int8, against fp32 (bounds of the
+    image graph); returns the final text graph and ``{variant: Validation}``. Raises :class:`ExportError`."""
+    from diki_edge_export import text as T
+    from diki_edge_export import validate as V
+    from diki_edge_runtime.tokenizer import ClipTokenizer
+
+    cases = T.text_cases(plan.bank, ClipTokenizer(plan.tokenizer_text, plan.tokenizer_spec))
+    refs = steps.run("PyTorch reference (DikiCLIP.encode_text)",
+                     lambda: {c.name: T.text_reference(plan.diki, c) for c in cases})
+    cpu = "CPUExecutionProvider"
+    validations: dict[str, Any] = {}
+    path = base_path
+    if plan.precision in ("fp32", "int8"):
+        run = T.text_runner(_session(base_path, cpu))
+        validations["fp32"] = steps.run("validating the fp32 text graph", T.validate_text_fp32, run, cases, refs,
+                                        cpu)
+    if plan.precision == "int8" and validations["fp32"].passed:
+        path = tmp / TEXT_MODEL_FILE
+        steps.run("dynamic int8 quantisation (text)", _quantize_int8, base_path, path)
+        steps.run("onnx.checker (text int8)", onnx_check, path)
+        validations["int8"] = steps.run("validating the int8 text graph", T.validate_text_variant, "int8",
+                                        T.text_runner(_session(path, cpu)), cases, refs, cpu, V.INT8_MIN_COSINE,
+                                        V.INT8_MIN_TOP1_AGREEMENT)
+    if plan.precision == "fp16":
+        for provider in _fp16_providers() + [cpu]:
+            try:
+                run = T.text_runner(_session(base_path, provider))
+                run(cases[-1])
+            except Exception:  # no fp16 kernels for some node on this provider (reported by the image graph)
+                continue
+            validations["fp16"] = steps.run(f"validating the fp16 text graph ({provider})", T.validate_text_variant,
+                                            "fp16", run, cases, refs, provider, V.FP16_MIN_COSINE)
+            break
+    for v in validations.values():
+        steps.console.print(f"{'[green]✓[/green]' if v.passed else '[red]✗[/red]'} {v.variant} on "
+                            f"{v.provider.replace('ExecutionProvider', '')}: "
+                            + ", ".join(f"{k} {x:.3g}" if isinstance(x, float) else f"{k} {x}"
+                                        for k, x in v.summary.items()))
+    failures = [f"{v.variant}: {msg}" for v in validations.values() for msg in v.failures]
+    if failures:
+        raise ExportError("text graph validation failed, nothing was written:\n  " + "\n  ".join(failures))
+    return path, validations
 
 
 def validate_graph(plan: ExportPlan, base_path: Path, tmp: Path, steps: "_Steps") -> Validated:
@@ -548,6 +657,7 @@ def write_model_folder(plan: ExportPlan, tmp: Path, validated: Validated) -> Man
     shutil.rmtree(tmp / "_fp32", ignore_errors=True)
     shutil.copyfile(plan.bank_path, tmp / BANK_FILE)
     (tmp / PREPROCESS_FILE).write_text(json.dumps(plan.preprocess, indent=2) + "\n")
+    (tmp / TOKENIZER_FILE).write_text(plan.tokenizer_text, encoding="utf-8")
     manifest = _manifest(plan, validated, tmp)
     manifest.save(tmp)
     return manifest
@@ -589,4 +699,11 @@ def _manifest(plan: ExportPlan, validated: Validated, folder: Path) -> Manifest:
                   "diki_edge": diki_edge.__version__},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         not_validated=validated.not_validated,
+        text=TextSection(
+            **resolved_io(plan.bank.layout, plan.image_size, plan.tokenizer_spec.context_length,
+                          TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS),
+            files={"model": TEXT_MODEL_FILE, "tokenizer": TOKENIZER_FILE},
+            tokenizer=plan.tokenizer_spec.to_json(),
+            validation={name: v.to_json() for name, v in validated.text_validations.items()},
+        ),
     )

@@ -71,9 +71,24 @@ def static_reshapes(visual: nn.Module) -> Iterator[None]:
     had_own = "_embeds" in visual.__dict__
     previous = visual.__dict__.get("_embeds")
     visual._embeds = types.MethodType(_static_embeds, visual)
+    try:
+        with frozen_attention_rewritten(visual.transformer.resblocks):
+            yield
+    finally:
+        if had_own:
+            visual._embeds = previous
+        else:
+            del visual._embeds
+
+
+@contextmanager
+def frozen_attention_rewritten(blocks: nn.ModuleList) -> Iterator[None]:
+    """Every block still holding a plain ``nn.MultiheadAttention`` temporarily wrapped by a
+    :class:`ResidualKVAttention` whose slot stays empty: the same frozen weights computed with batch-leading
+    reshapes (and the attention form ONNX Runtime runs faster, see the README's benchmark notes)."""
     never_filled = ResidualSlot()
     swapped = []
-    for i, block in enumerate(visual.transformer.resblocks):
+    for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if isinstance(attn, nn.MultiheadAttention):
             block.attn = ResidualKVAttention(attn, i, never_filled)
@@ -83,10 +98,6 @@ def static_reshapes(visual: nn.Module) -> Iterator[None]:
     finally:
         for block, attn in swapped:
             block.attn = attn
-        if had_own:
-            visual._embeds = previous
-        else:
-            del visual._embeds
 
 
 @contextmanager
@@ -145,4 +156,4 @@ class ExportGraph(nn.Module):
                          bank_v.index_select(0, sub_task), weight.index_select(0, idx))
         f = f0.index_put((idx,), f1)
         logits = self.calibrated.classify(f, task, weight, class_embeds, class_task)
-        return CalibratedOutput(logits, task, weight, scores, f)
+        return CalibratedOutput(logits, task, weight, scores, f, f0)

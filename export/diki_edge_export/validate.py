@@ -11,7 +11,8 @@ zero-row pass-2 path), and a *probe* bank — the same adapters and class table,
 groups of the real images (ridge ``PROBE_RIDGE``) — so that images are familiar, pass 2 runs with every task's
 ``K_r/V_r`` and ``M`` is away from 0 and 1. A mixed batch (familiar + random) and a single image complete it.
 
-fp32 bounds (the README's export decisions): image embeddings max abs diff <= 1e-4, task scores within a relative 1e-5
+fp32 bounds (the README's export decisions): image embeddings (final and pass-1) max abs diff <= 1e-4, task scores
+within a relative 1e-5
 (of each image's score scale, see :func:`score_rel_error`), ``M`` within 1e-5, identical tasks and top-1 classes. Reduced-precision variants
 are compared with the fp32 reference by embedding cosine and top-1 / task agreement.
 """
@@ -140,7 +141,8 @@ def parity_figures(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> di
     """fp32 parity figures of one case."""
     scores_rel = score_rel_error(got["task_scores"], ref["task_scores"])
     return {
-        "embeds_max_abs": float(np.max(np.abs(got["image_embeds"] - ref["image_embeds"]), initial=0.0)),
+        "embeds_max_abs": max(float(np.max(np.abs(got[k] - ref[k]), initial=0.0))
+                              for k in ("image_embeds", "frozen_embeds")),
         "scores_max_rel": float(np.max(scores_rel, initial=0.0)),
         "weight_max_abs": float(np.max(np.abs(got["weight"] - ref["weight"]), initial=0.0)),
         "task_mismatches": int(np.sum(got["task"] != ref["task"])),

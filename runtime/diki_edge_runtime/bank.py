@@ -72,6 +72,8 @@ TASK_ARRAYS = (
 CLASS_ARRAYS = ("class_embeds", "class_task")
 # What the exported graph consumes; a runtime loads only these (``TaskBank.load(..., graph_only=True)``).
 GRAPH_ARRAYS = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
+# What the text graph consumes besides prompts: loaded with the graph arrays when labels may be encoded.
+TEXT_GRAPH_ARRAYS = ("text_k", "text_v")
 ARRAY_DTYPES = {
     "bank_k": np.float32,
     "bank_v": np.float32,
@@ -405,11 +407,13 @@ class TaskBank:
         return self.nbytes() + len(json.dumps(self.metadata())) + 4096
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False) -> "TaskBank":
+    def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False,
+             with_text: bool = False) -> "TaskBank":
         """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout.
 
         ``graph_only`` reads just the arrays the exported graph consumes (a runtime's view: no float64
         statistics, no text adapters — about a third of the memory for D = 512); such a bank cannot be saved.
+        ``with_text`` adds the text adapters (``TEXT_GRAPH_ARRAYS``) to a graph-only load, for the text graph.
         """
         from safetensors import safe_open
 
@@ -418,7 +422,8 @@ class TaskBank:
         try:
             with safe_open(str(path), framework="numpy") as fh:
                 raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
-                keys = [k for k in fh.keys() if not graph_only or k in GRAPH_ARRAYS]
+                wanted = GRAPH_ARRAYS + (TEXT_GRAPH_ARRAYS if with_text else ())
+                keys = [k for k in fh.keys() if not graph_only or k in wanted]
                 arrays = {k: fh.get_tensor(k) for k in keys}
         except Exception as exc:  # safetensors raises several types for truncated or foreign files
             raise BankError(f"{path}: not a readable safetensors bank (truncated or corrupt?): {exc}") from None

@@ -1,4 +1,4 @@
-"""``diki-edge bank show | merge | remove | rename``: inspect and edit task banks, torch-free.
+"""``diki-edge bank show | merge | remove | rename | add-task``: inspect and edit task banks, torch-free.
 
 Editing commands check that their output can be written (folder, permissions, free space for about the size
 of their inputs) before loading anything, and write atomically (:mod:`diki_edge_runtime.files`). Names from a
@@ -18,7 +18,8 @@ from rich.table import Table
 
 from diki_edge_runtime.errors import DikiEdgeError
 
-bank_app = typer.Typer(no_args_is_help=True, help="Inspect and edit task banks (show, merge, remove, rename).")
+bank_app = typer.Typer(no_args_is_help=True,
+                       help="Inspect and edit task banks (show, merge, remove, rename, add-task).")
 
 out = Console()
 err = Console(stderr=True)
@@ -127,3 +128,41 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
     err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False, markup=False)
 
 
+
+
+@bank_app.command("add-task")
+def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model folder, or pass --model)."),
+                  name: str = typer.Argument(..., help="Name of the new task."),
+                  images: List[str] = typer.Option(..., "--images", help="Example images: files, folders (recursed) "
+                                                                        "or globs; repeat the option for more."),
+                  labels: Optional[str] = typer.Option(None, help="The task's labels, comma-separated."),
+                  labels_file: Optional[Path] = typer.Option(None, help="The task's labels, one per line."),
+                  template: Optional[str] = typer.Option(None, help="Prompt template; {} is the label "
+                                                                    "[default: 'a photo of a {}.']."),
+                  model: Optional[Path] = typer.Option(None, help="Exported model folder [default: the folder the "
+                                                                  "bank is in]."),
+                  output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place."),
+                  threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads.")) -> None:
+    """Add a label-only task without training or torch: V_r = 0, the labels' frozen text embeddings as its class
+    table, a Gaussian fitted to the frozen embeddings of the example images. `diki-edge train --replace` can
+    later swap in a trained task of the same name."""
+    from diki_edge_runtime.cli_predict import Unmatched, expand_inputs
+    from diki_edge_runtime.label_task import add_label_task
+    from diki_edge_runtime.labels import parse_labels, read_labels_file
+
+    try:
+        if (labels is None) == (labels_file is None):
+            raise ValueError("give the task's labels with --labels or --labels-file (one of them)")
+        label_list = parse_labels(labels) if labels is not None else read_labels_file(labels_file)
+        entries = expand_inputs(images)
+        paths = [e for e in entries if not isinstance(e, Unmatched)]
+        if not paths:
+            raise ValueError("no example images found: " + "; ".join(e.message for e in entries))
+        report = add_label_task(path, name, label_list, paths, model_dir=model, template=template, out=output,
+                                threads=threads)
+    except (ValueError, DikiEdgeError) as exc:
+        fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+    for problem in report.skipped:
+        err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    err.print(f"added label-only task {name!r} ({report.labels} labels, Gaussian of {report.examples} example "
+              f"images) -> {escape(report.bank)}", highlight=False, soft_wrap=True)

@@ -6,8 +6,15 @@ glob pattern (``*``, ``?``, ``[``; ``**`` recurses) contributes its matches in s
 is, whatever its suffix. A path listed twice is predicted once. A missing file, or a pattern or directory that
 matches no image, is reported as a failed input.
 
+Labels: ``--labels "rocket,car,tree"`` or ``--labels-file labels.txt`` (one per line) classify among those labels
+instead of the bank's classes, each put into ``--template`` (default ``"a photo of a {}."``). DIKI runs exactly as
+for the bank's classes: the task and ``M`` come from the image, and the labels are encoded under the selected task's
+text adapter at that ``M`` (``diki_edge_runtime.labels``). Needs a model folder with the text graph (exported by
+this version; an older folder answers with a "re-export" message).
+
 Output: a table (input, task, M, top-k classes with probabilities) or, with ``--json``, one JSON object per input
-per line on stdout, in input order, written as each batch finishes. The schema (version 1) is stable::
+per line on stdout, in input order, written as each batch finishes. The schema (version 2; version 1 lacked the two
+embedding keys) is stable::
 
     {
       "input": "photos/cat.jpg",        # the path (as expanded)
@@ -15,10 +22,12 @@ per line on stdout, in input order, written as each batch finishes. The schema (
       "task": "pets",                   # selected task name       (null on failure)
       "task_index": 0,                  # its index in the bank    (null on failure)
       "weight": 0.973214,               # calibrated familiarity M in [0, 1] (null on failure)
-      "top_k": [                        # at most --top-k classes of the selected task, best first;
-        {"class": "cat", "probability": 0.91},   # softmax over that task's classes ([] on failure)
+      "top_k": [                        # at most --top-k classes of the selected task (or of --labels),
+        {"class": "cat", "probability": 0.91},   # best first; softmax over those classes ([] on failure)
         {"class": "dog", "probability": 0.07}
       ],
+      "image_embeds": [0.0132, ...],    # with --embeddings: the final L2-normalised image embedding (D floats)
+      "frozen_embeds": [0.0121, ...],   # with --embeddings: the pass-1 (frozen encoder) embedding; else null
       "error": null                     # or {"kind": KIND, "message": "photos/x.jpg: file not found"}
     }
 
@@ -31,7 +40,8 @@ bars) go to stderr, never to stdout.
 Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are still predicted and printed);
 2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider not in the installed
 ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed,
-``--threads`` above the machine's cores x 4).
+``--threads`` above the machine's cores x 4, bad labels or template, labels or embeddings asked of a folder
+without them).
 
 Providers: ``--provider`` takes a name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``rocm``,
 ``migraphx``, ``dml``, or an ONNX Runtime id) or a fall-back chain written out (``tensorrt,cuda,cpu``); options
@@ -155,12 +165,20 @@ def predict_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="ONNX Runtime's info messages on stderr.")]
     = False,
+    labels: Annotated[Optional[str], typer.Option(help="Classify among these comma-separated labels instead of "
+                                                       "the bank's classes.")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="Labels, one per line (instead of --labels).")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Prompt template for the labels; {} is the label "
+                                                         "[default: 'a photo of a {}.'].")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Add image and frozen (pass-1) embeddings to "
+                                                                  "the --json lines.")] = False,
 ) -> None:
-    """Predict task, familiarity M and top-k classes for images, without PyTorch."""
+    """Predict task, familiarity M and top-k classes (or any labels) for images, without PyTorch."""
     code = run_predict(inputs, model, bank=bank, provider=provider, top_k=top_k, batch_size=batch_size,
                        json_=json_, threads=threads, quiet=quiet, provider_option=provider_option or [],
                        provider_options=provider_options, workers=workers, fast_decode=fast_decode,
-                       low_memory=low_memory, verbose=verbose)
+                       low_memory=low_memory, verbose=verbose, labels=labels, labels_file=labels_file,
+                       template=template, embeddings=embeddings)
     if code:
         raise typer.Exit(code)
 
@@ -169,12 +187,14 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
                 top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
                 quiet: bool = False, provider_option: Iterable[str] = (), provider_options: Optional[Path] = None,
                 workers: Optional[int] = None, fast_decode: bool = False, low_memory: bool = False,
-                verbose: bool = False) -> int:
+                verbose: bool = False, labels: Optional[str] = None, labels_file: Optional[Path] = None,
+                template: Optional[str] = None, embeddings: bool = False) -> int:
     """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
     from PIL import Image
     from rich.console import Console
 
     from diki_edge_runtime.errors import DikiEdgeError
+    from diki_edge_runtime.labels import label_prompts, parse_labels, read_labels_file
     from diki_edge_runtime.predictor import Prediction, Predictor
     from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
     from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, max_threads
@@ -200,14 +220,43 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         err.print("[red]error:[/red] --quiet and --verbose contradict each other")
         return EXIT_USAGE
     log_severity = 4 if quiet else 1 if verbose else DEFAULT_LOG_SEVERITY
+    label_list = None
+    try:
+        if labels is not None and labels_file is not None:
+            raise ValueError("give --labels or --labels-file, not both")
+        if labels is not None:
+            label_list = parse_labels(labels)
+        elif labels_file is not None:
+            label_list = read_labels_file(labels_file)
+        elif template is not None:
+            raise ValueError("--template needs --labels or --labels-file")
+        if label_list is not None:
+            label_prompts(label_list, template)
+        if embeddings and not json_:
+            raise ValueError("--embeddings adds the embeddings to the --json lines; pass --json too")
+    except ValueError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_USAGE
     entries = expand_inputs(inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
+    progress = None  # a rich progress bar, started below when there is more than one batch
+
+    def advance(n: int) -> None:
+        if progress:
+            progress.advance(bar, n)
+
     try:
         options = merge_options(load_options_file(provider_options) if provider_options else None,
                                 parse_option_args(provider_option, provider.split(",")))
         predictor = Predictor(model, provider=provider, threads=threads, bank=bank, provider_options=options,
                               workers=workers, fast_decode=fast_decode, low_memory=low_memory,
                               log_severity=log_severity)
+        if embeddings and not predictor.has_frozen_embeds:
+            raise DikiEdgeError(f"{model}: the model folder was exported before the frozen (pass-1) embedding was "
+                                "a graph output; re-export it with `diki-edge export` to use --embeddings")
+        predicted = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, labels=label_list,
+                                           template=template, on_progress=advance)
+        # (iter_predict checks the labels and the text graph here, before any image is read)
     except DikiEdgeError as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_USAGE
@@ -225,16 +274,15 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         nonlocal n_failed
         n_failed += not res.ok
         if json_:
-            line = json.dumps(res.to_json(), ensure_ascii=False, allow_nan=False)
+            line = json.dumps(res.to_json(embeddings=embeddings), ensure_ascii=False, allow_nan=False)
             try:
                 sys.stdout.write(line + "\n")
             except UnicodeEncodeError:  # a stdout that cannot encode every character (LANG=C on old Pythons)
-                sys.stdout.write(json.dumps(res.to_json(), allow_nan=False) + "\n")
+                sys.stdout.write(json.dumps(res.to_json(embeddings=embeddings), allow_nan=False) + "\n")
         else:
             results.append(res)
 
     show_progress = not quiet and len(paths) > batch_size
-    progress = None
     if show_progress:
         from rich.progress import (
             BarColumn,
@@ -249,8 +297,6 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         progress.start()
         bar = progress.add_task("predict", total=len(paths))
     try:
-        on_progress = (lambda n: progress.advance(bar, n)) if progress else None
-        predicted = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, on_progress=on_progress)
         for index, entry in enumerate(entries):  # results in argument order, unmatched arguments in place
             if isinstance(entry, Unmatched):
                 res = Prediction(str(entry), index, error=entry.message, error_kind="not_found")

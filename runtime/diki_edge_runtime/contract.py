@@ -9,6 +9,12 @@ written as integers (see :func:`resolved_io`).
 The familiarity of an image, ``M = sigmoid(S / D - 1)`` in the paper, is called ``weight`` everywhere: graph
 output, Python attribute, JSON key. "weight" says what it does (it weights the residual branch) and the graph
 output has carried that name since the first export; ``M`` appears only in formulas and table headers.
+
+Two graphs: the calibrated image graph (``model.onnx``, :data:`GRAPH_INPUTS` -> :data:`GRAPH_OUTPUTS`) and the
+text encoder (``text.onnx``, :data:`TEXT_GRAPH_INPUTS` -> :data:`TEXT_GRAPH_OUTPUTS`) whose inputs include the text
+side of the bank, the task and ``M`` of every prompt, so labels given at prediction time are encoded under any
+bank's text adapters without re-export. Folders exported before the text graph existed have no ``text`` section
+in their manifest and no ``frozen_embeds`` output: they keep working for image-only prediction.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ EXTERNAL_DATA_FILE = "model.onnx.data"  # only for graphs over protobuf's 2 GB l
 BANK_FILE = "bank.safetensors"
 PREPROCESS_FILE = "preprocess.json"
 MANIFEST_FILE = "manifest.json"
+TEXT_MODEL_FILE = "text.onnx"  # the text encoder graph (TEXT_GRAPH_INPUTS -> TEXT_GRAPH_OUTPUTS)
+TOKENIZER_FILE = "tokenizer.json"  # the backbone's BPE as a Hugging Face tokenizers file (runtime tokenizer.py)
 
 # Dimensions that stay symbolic in the graph: a bank with more or fewer tasks/classes runs on the same file.
-DYNAMIC_DIMS = ("batch", "tasks", "classes", "levels")
+DYNAMIC_DIMS = ("batch", "tasks", "classes", "levels", "prompts")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class TensorSpec:
     dims: tuple[str | int, ...]
     dtype: str  # "float32" | "int64" (fp16 graphs keep float32 inputs/outputs; the cast is inside the graph)
     doc: str = ""
+    required: bool = True  # False: added later; folders exported before it lack it and still load
 
 
 GRAPH_INPUTS: tuple[TensorSpec, ...] = (
@@ -71,43 +80,113 @@ GRAPH_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("weight", ("batch",), "float32", "calibrated familiarity weight M per image"),
     TensorSpec("task_scores", ("batch", "tasks"), "float32", "Gaussian log-density per task"),
     TensorSpec("image_embeds", ("batch", "embed_dim"), "float32", "final L2-normalised image embedding"),
+    TensorSpec("frozen_embeds", ("batch", "embed_dim"), "float32",
+               "pass-1 (frozen encoder) L2-normalised image embedding: what the Gaussians score", required=False),
 )
 
 INPUT_NAMES: tuple[str, ...] = tuple(s.name for s in GRAPH_INPUTS)
 OUTPUT_NAMES: tuple[str, ...] = tuple(s.name for s in GRAPH_OUTPUTS)
+REQUIRED_OUTPUT_NAMES: tuple[str, ...] = tuple(s.name for s in GRAPH_OUTPUTS if s.required)
+
+TEXT_GRAPH_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_tokens", ("prompts", "context_length"), "int64", "token ids (tokenizer.json, zero-padded)"),
+    TensorSpec("text_k", ("tasks", "text_layers", "residual_length", "text_width"), "float32",
+               "text-encoder residual keys of every task (the bank's text_k)"),
+    TensorSpec("text_v", ("tasks", "text_layers", "residual_length", "text_width"), "float32",
+               "text-encoder residual values of every task (the bank's text_v)"),
+    TensorSpec("prompt_task", ("prompts",), "int64", "task whose text adapter encodes each prompt"),
+    TensorSpec("prompt_weight", ("prompts",), "float32", "M of each prompt (0: the frozen text encoder)"),
+)
+TEXT_GRAPH_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_embeds", ("prompts", "embed_dim"), "float32", "L2-normalised text embedding per prompt"),
+)
+TEXT_INPUT_NAMES: tuple[str, ...] = tuple(s.name for s in TEXT_GRAPH_INPUTS)
+TEXT_OUTPUT_NAMES: tuple[str, ...] = tuple(s.name for s in TEXT_GRAPH_OUTPUTS)
 
 
-def dynamic_axes() -> dict[str, dict[int, str]]:
-    """``torch.onnx.export(dynamic_axes=...)`` for every input and output, derived from the specs above."""
+def dynamic_axes(specs: tuple[TensorSpec, ...] = GRAPH_INPUTS + GRAPH_OUTPUTS) -> dict[str, dict[int, str]]:
+    """``torch.onnx.export(dynamic_axes=...)`` for every input and output of ``specs`` (default: the image graph)."""
     out: dict[str, dict[int, str]] = {}
-    for spec in GRAPH_INPUTS + GRAPH_OUTPUTS:
+    for spec in specs:
         axes = {i: d for i, d in enumerate(spec.dims) if isinstance(d, str) and d in DYNAMIC_DIMS}
         if axes:
             out[spec.name] = axes
     return out
 
 
-def fixed_dims(layout: Any, image_size: tuple[int, int]) -> dict[str, int]:
-    """Values of the non-dynamic dimensions for a bank layout (``BankLayout``) and the backbone's image size."""
-    return {
+def fixed_dims(layout: Any, image_size: tuple[int, int], context_length: int | None = None) -> dict[str, int]:
+    """Values of the non-dynamic dimensions for a bank layout (``BankLayout``), the backbone's image size and
+    (for the text graph) the tokenizer's context length."""
+    dims = {
         "pixel_height": int(image_size[0]),
         "pixel_width": int(image_size[1]),
         "image_layers": int(layout.image_layers),
+        "text_layers": int(layout.text_layers),
         "residual_length": int(layout.residual_length),
         "image_width": int(layout.image_width),
+        "text_width": int(layout.text_width),
         "embed_dim": int(layout.embed_dim),
     }
+    if context_length is not None:
+        dims["context_length"] = int(context_length)
+    return dims
 
 
-def resolved_io(layout: Any, image_size: tuple[int, int]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{"inputs": {name: {"shape", "dtype"}}, "outputs": {...}}`` as written to ``manifest.json``."""
-    fixed = fixed_dims(layout, image_size)
+def resolved_io(layout: Any, image_size: tuple[int, int], context_length: int | None = None,
+                inputs: tuple[TensorSpec, ...] = GRAPH_INPUTS, outputs: tuple[TensorSpec, ...] = GRAPH_OUTPUTS
+                ) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"inputs": {name: {"shape", "dtype"}}, "outputs": {...}}`` as written to ``manifest.json`` (default: the
+    image graph; pass the TEXT_GRAPH_* specs and the context length for the text graph)."""
+    fixed = fixed_dims(layout, image_size, context_length)
 
     def one(spec: TensorSpec) -> dict[str, Any]:
         shape = [d if isinstance(d, int) or d in DYNAMIC_DIMS else fixed[d] for d in spec.dims]
         return {"shape": shape, "dtype": spec.dtype}
 
-    return {"inputs": {s.name: one(s) for s in GRAPH_INPUTS}, "outputs": {s.name: one(s) for s in GRAPH_OUTPUTS}}
+    return {"inputs": {s.name: one(s) for s in inputs}, "outputs": {s.name: one(s) for s in outputs}}
+
+
+def check_tensors(declared_io: dict[str, Any], specs: tuple[TensorSpec, ...], kind: str, source: str) -> None:
+    """Every required tensor of ``specs`` declared with the contract's dtype and rank (a RuntimeSetupError if not)."""
+    missing = [s.name for s in specs if s.required and s.name not in declared_io]
+    if missing:
+        raise RuntimeSetupError(f"{source}: manifest {kind} lack graph tensors {missing}")
+    for spec in specs:
+        if spec.name not in declared_io:
+            continue
+        entry = declared_io[spec.name]
+        if not isinstance(entry, dict) or entry.get("dtype") != spec.dtype or \
+                not isinstance(entry.get("shape"), list) or len(entry["shape"]) != len(spec.dims):
+            raise RuntimeSetupError(f"{source}: manifest {kind}.{spec.name} must be "
+                                    f"{{'shape': [{len(spec.dims)} dims], 'dtype': {spec.dtype!r}}}, not {entry!r}")
+
+
+@dataclass(frozen=True)
+class TextSection:
+    """The ``text`` section of ``manifest.json``: the text graph, the tokenizer, how they were validated."""
+
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+    files: dict[str, str]  # "model" -> text.onnx, "tokenizer" -> tokenizer.json
+    tokenizer: dict[str, Any]  # diki_edge_runtime.tokenizer.TokenizerSpec.to_json()
+    validation: dict[str, Any]  # variant -> figures (diki_edge_export.text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> "TextSection":
+        if not isinstance(data, dict):
+            raise RuntimeSetupError(f"{source}: manifest field 'text' must be an object, not {type(data).__name__}")
+        for name in ("inputs", "outputs", "files", "tokenizer", "validation"):
+            if not isinstance(data.get(name), dict):
+                raise RuntimeSetupError(f"{source}: manifest field text.{name} is missing or not an object")
+        for role in ("model", "tokenizer"):
+            if not isinstance(data["files"].get(role), str):
+                raise RuntimeSetupError(f"{source}: manifest field text.files.{role} is missing")
+        check_tensors(data["inputs"], TEXT_GRAPH_INPUTS, "text.inputs", source)
+        check_tensors(data["outputs"], TEXT_GRAPH_OUTPUTS, "text.outputs", source)
+        return cls(data["inputs"], data["outputs"], data["files"], data["tokenizer"], data["validation"])
 
 
 @dataclass
@@ -130,12 +209,17 @@ class Manifest:
     versions: dict[str, str]  # package -> version of the exporting environment
     created: str  # ISO 8601, UTC
     not_validated: str | None = None  # why a variant could not be validated here, if so
+    text: TextSection | None = None  # the text graph; None in folders exported before it existed (image-only)
     format_version: int = MANIFEST_FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if out["not_validated"] is None:
             del out["not_validated"]
+        if out["text"] is None:
+            del out["text"]
+        else:
+            out["text"] = self.text.to_json()
         return out
 
     @classmethod
@@ -153,12 +237,12 @@ class Manifest:
             "inputs": (dict,), "outputs": (dict,), "files": (dict,), "backbone": (dict,), "bank_layout": (dict,),
             "bank": (dict,), "opset": (int,), "exporter": (str,), "precision": (str,), "skip_below": (int, float),
             "validation": (dict,), "validated_providers": (list,), "versions": (dict,), "created": (str,),
-            "not_validated": (str, type(None)),
+            "not_validated": (str, type(None)), "text": (dict,),
         }
         kwargs: dict[str, Any] = {"format_version": version}
         for name, types in expected.items():
             if name not in data:
-                if name == "not_validated":
+                if name in ("not_validated", "text"):
                     continue
                 raise RuntimeSetupError(f"{source}: manifest field {name!r} is missing")
             value = data[name]
@@ -167,6 +251,8 @@ class Manifest:
                 raise RuntimeSetupError(f"{source}: manifest field {name!r} must be {want}, "
                                         f"not {type(value).__name__}")
             kwargs[name] = value
+        if "text" in kwargs:
+            kwargs["text"] = TextSection.from_json(kwargs["text"], source)
         manifest = cls(**kwargs)
         manifest._check_tensors(source)
         if manifest.precision not in PRECISIONS:
@@ -178,17 +264,8 @@ class Manifest:
         return manifest
 
     def _check_tensors(self, source: str) -> None:
-        for kind, specs, declared in (("inputs", GRAPH_INPUTS, self.inputs), ("outputs", GRAPH_OUTPUTS, self.outputs)):
-            missing = [s.name for s in specs if s.name not in declared]
-            if missing:
-                raise RuntimeSetupError(f"{source}: manifest {kind} lack graph tensors {missing}")
-            for spec in specs:
-                entry = declared[spec.name]
-                if not isinstance(entry, dict) or entry.get("dtype") != spec.dtype or \
-                        not isinstance(entry.get("shape"), list) or len(entry["shape"]) != len(spec.dims):
-                    raise RuntimeSetupError(f"{source}: manifest {kind}.{spec.name} must be "
-                                            f"{{'shape': [{len(spec.dims)} dims], 'dtype': {spec.dtype!r}}}, "
-                                            f"not {entry!r}")
+        check_tensors(self.inputs, GRAPH_INPUTS, "inputs", source)
+        check_tensors(self.outputs, GRAPH_OUTPUTS, "outputs", source)
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST_FILE

@@ -7,6 +7,8 @@
     results = p.predict(["a.jpg", pil_image, numpy_hwc_uint8])   # one Prediction per input, in order
     Predictor("model/", provider="tensorrt,cuda,cpu", provider_options={"tensorrt": {"trt_fp16_enable": True}})
     p.load_bank("bank_v2.safetensors")                           # new tasks, same graph, no re-export
+    p.predict(images, labels=["rocket", "car", "tree"])          # any labels, calibrated DIKI (labels.py)
+    p.encode_text(["a red car"], task=None, weight=0.0)          # [N, D] text embeddings (text.py)
 
 The model folder (written by ``diki_edge_export.export_model``)::
 
@@ -14,7 +16,9 @@ The model folder (written by ``diki_edge_export.export_model``)::
     bank.safetensors    the default bank (a TaskBank file)
     preprocess.json     the backbone's image transform (see diki_edge_runtime.preprocess)
     manifest.json       {"format_version": 1, "inputs": {name: {"shape", "dtype"}}, "outputs": {...},
-                         "backbone": {..., "weights_sha256"}, "bank_layout": BankLayout.to_json(), ...}
+                         "backbone": {..., "weights_sha256"}, "bank_layout": BankLayout.to_json(), ...,
+                         "text": {...}}  (the text graph; absent in folders exported before it: image-only)
+    text.onnx, tokenizer.json   the text encoder and its tokenizer (labels at prediction time, encode_text)
 
 A bank is accepted only if it fits the graph: same backbone weights (hash), same adapted depth and widths, same
 calibration grid (``BankLayout.compatibility_problem``), a supported format version and at least one task. Any
@@ -48,6 +52,7 @@ from diki_edge_runtime.contract import (
     MODEL_FILE,
     OUTPUT_NAMES,
     PREPROCESS_FILE,
+    REQUIRED_OUTPUT_NAMES,
     Manifest,
 )
 from diki_edge_runtime.errors import BankError, RuntimeSetupError
@@ -58,10 +63,15 @@ from diki_edge_runtime.images import (
     describe_input,
     load_rgb,
 )
+from diki_edge_runtime.labels import DEFAULT_LABEL_CACHE_BYTES, LabelTables, label_prompts
 from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_map
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.providers import short_name
 from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
+from diki_edge_runtime.text import TextEncoder
+
+REEXPORT = ("was exported before diki-edge had a text encoder (no text section in its manifest); re-export it "
+            "with `diki-edge export` to use labels, encode_text or embeddings")
 
 
 @dataclass
@@ -73,9 +83,10 @@ class Prediction:
     task: str | None = None  # name of the selected task
     task_index: int | None = None
     weight: float | None = None  # calibrated familiarity M in [0, 1]
-    top_k: list[tuple[str, float]] = field(default_factory=list)  # (class, probability within the task)
+    top_k: list[tuple[str, float]] = field(default_factory=list)  # (class or label, probability)
     task_scores: np.ndarray | None = None  # [T] Gaussian log-density per task
     image_embeds: np.ndarray | None = None  # [D] final L2-normalised embedding
+    frozen_embeds: np.ndarray | None = None  # [D] pass-1 (frozen encoder) embedding; None from old model folders
     error: str | None = None
     error_kind: str | None = None  # one of diki_edge_runtime.images.ERROR_KINDS
 
@@ -88,10 +99,14 @@ class Prediction:
         """The top-1 class, or None."""
         return self.top_k[0][0] if self.top_k else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, embeddings: bool = False) -> dict[str, Any]:
         """The ``--json`` line schema (see :mod:`diki_edge_runtime.cli_predict`). Every string is valid Unicode
         (see :func:`json_text`) and every number finite (:meth:`Predictor._fill` guarantees it), so
-        ``json.dumps(..., allow_nan=False)`` always succeeds and any strict JSON parser reads the line."""
+        ``json.dumps(..., allow_nan=False)`` always succeeds and any strict JSON parser reads the line.
+        ``embeddings`` fills ``image_embeds`` / ``frozen_embeds`` (null otherwise and on failure)."""
+        def vector(v: np.ndarray | None) -> list[float] | None:
+            return None if v is None or not embeddings else [float(x) for x in np.asarray(v, np.float32)]
+
         return {
             "input": json_text(self.input),
             "ok": self.ok,
@@ -99,6 +114,8 @@ class Prediction:
             "task_index": self.task_index,
             "weight": None if self.weight is None else round(float(self.weight), 6),
             "top_k": [{"class": json_text(c), "probability": round(float(p), 6)} for c, p in self.top_k],
+            "image_embeds": vector(self.image_embeds),
+            "frozen_embeds": vector(self.frozen_embeds),
             "error": None if self.ok else {"kind": self.error_kind, "message": json_text(self.error or "")},
         }
 
@@ -125,6 +142,17 @@ class _BankState:
     class_names: tuple[str, ...]
     class_task: np.ndarray  # [C] int64
     source: str
+    labels: LabelTables | None  # label-set tables under this bank's text adapters (None: no text graph/adapters)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one predict call fixes at its start: the bank snapshot, top-k, and the labels (or None)."""
+
+    state: _BankState
+    top_k: int
+    labels: list[str] | None = None
+    prompts: tuple[str, ...] | None = None
 
 
 class Predictor:
@@ -135,7 +163,7 @@ class Predictor:
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, device_id: int = 0, io_binding: bool | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None, low_memory: bool = False,
                  workers: int | None = None, fast_decode: bool = False,
-                 log_severity: int = DEFAULT_LOG_SEVERITY):
+                 log_severity: int = DEFAULT_LOG_SEVERITY, label_cache_bytes: int = DEFAULT_LABEL_CACHE_BYTES):
         """Open an exported model folder.
 
         ``provider``: an execution provider name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``,
@@ -150,7 +178,8 @@ class Predictor:
         ``workers``: decode threads overlapped with inference (default: one per core, at most 8; 0 decodes in the
         calling thread); ``fast_decode``: decode JPEG files at a reduced DCT scale before the exact resize (faster,
         slightly different pixels: see README.md); ``log_severity``: the lowest ONNX Runtime log level
-        printed (0 verbose .. 4 fatal; see ``session.DEFAULT_LOG_SEVERITY``).
+        printed (0 verbose .. 4 fatal; see ``session.DEFAULT_LOG_SEVERITY``); ``label_cache_bytes``: bound on the
+        cached text tables of label sets (per bank, LRU; labels.py).
         Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
         """
         try:
@@ -176,7 +205,7 @@ class Predictor:
                                io_binding=io_binding, provider_options=provider_options, low_memory=low_memory,
                                log_severity=log_severity)
         absent = [n for n in INPUT_NAMES if n not in self.session.input_types]
-        absent += [n for n in OUTPUT_NAMES if n not in self.session.output_names]
+        absent += [n for n in REQUIRED_OUTPUT_NAMES if n not in self.session.output_names]
         if absent:
             raise RuntimeSetupError(f"{self.model_dir / MODEL_FILE}: graph lacks inputs/outputs {absent}")
         for name in INPUT_NAMES:
@@ -188,6 +217,10 @@ class Predictor:
             raise RuntimeSetupError(f"{self.model_dir}: preprocess.json size {list(self.preprocess.size)} does not "
                                     f"match the graph's pixel_values {graph_hw}")
         self._lock = threading.Lock()
+        self._text_args = dict(provider=provider, threads=threads, device_id=device_id,
+                               provider_options=provider_options, low_memory=low_memory)
+        self._text: TextEncoder | None = None  # opened on first use: image-only callers never pay for it
+        self.label_cache_bytes = int(label_cache_bytes)
         self._state: _BankState | None = None
         self.load_bank(bank if bank is not None else self.model_dir / BANK_FILE)
 
@@ -239,7 +272,8 @@ class Predictor:
             if problem:
                 raise BankError(f"bank does not fit this model: {problem}")
         else:
-            loaded, source = TaskBank.load(bank, expect=self.layout, graph_only=True), os.fspath(bank)
+            loaded = TaskBank.load(bank, expect=self.layout, graph_only=True, with_text=self.has_text)
+            source = os.fspath(bank)
         if loaded.num_tasks < 1:
             raise BankError(f"{source}: the bank has no tasks; the graph needs at least one")
         arrays = {}
@@ -251,9 +285,77 @@ class Predictor:
             arrays[name] = np.ascontiguousarray(arr, dtype=self._dtypes[name])
         with self._lock:  # serialise concurrent swaps; readers never wait
             handle = self.session.prepare_bank(arrays)  # CUDA: the only host->device copy of this bank
+            labels = None
+            if self.has_text and "text_k" in loaded.arrays:  # a new bank: label tables of the old one are dropped
+                labels = LabelTables(self.text_encoder, loaded.arrays["text_k"], loaded.arrays["text_v"],
+                                     self.layout.calibration_levels, self.layout.logit_scale, self.label_cache_bytes)
             self._state = _BankState(loaded, handle, tuple(loaded.class_names),
-                                     np.asarray(loaded.arrays["class_task"], np.int64), source)
+                                     np.asarray(loaded.arrays["class_task"], np.int64), source, labels)
         return loaded
+
+    # ----------------------------------------------------------------- text
+    @property
+    def has_text(self) -> bool:
+        """Whether the model folder has the text graph (labels, :meth:`encode_text`)."""
+        return self.manifest.text is not None
+
+    @property
+    def has_frozen_embeds(self) -> bool:
+        """Whether the image graph outputs the pass-1 embedding (``Prediction.frozen_embeds``)."""
+        return "frozen_embeds" in self.session.output_names
+
+    @property
+    def label_tables(self) -> LabelTables | None:
+        """The current bank's label-table cache (its ``nbytes``, ``len``), or None without a text graph."""
+        return self._state.labels if self._state else None
+
+    def text_encoder(self) -> TextEncoder:
+        """The folder's :class:`TextEncoder`, opened on first use; a clear error for folders without one."""
+        if self._text is None:
+            if not self.has_text:
+                raise RuntimeSetupError(f"{self.model_dir}: the model folder {REEXPORT}")
+            with self._lock:
+                if self._text is None:
+                    self._text = TextEncoder(self.model_dir, self.manifest.text, **self._text_args)
+        return self._text
+
+    def _state_with_labels(self) -> _BankState:
+        state = self._state
+        assert state is not None
+        if state.labels is None:
+            if not self.has_text:
+                raise RuntimeSetupError(f"{self.model_dir}: the model folder {REEXPORT}")
+            raise BankError(f"{state.source}: this bank was loaded without its text adapters (text_k/text_v); "
+                            "load it from its file or in full to use labels")
+        return state
+
+    def encode_text(self, texts: str | Sequence[str], task: str | int | None = None,
+                    weight: float | Sequence[float] = 0.0) -> np.ndarray:
+        """``[N, D]`` L2-normalised text embeddings, torch-free: frozen (``task=None``, ``weight`` 0) or under a
+        task's text adapter (name or index in the current bank) at ``M = weight`` (one value or one per text)."""
+        state = self._state_with_labels()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if task is None:
+            if np.any(np.asarray(weight, np.float64) != 0):
+                raise ValueError("a weight M other than 0 needs a task (task=None is the frozen text encoder)")
+            index = 0
+        elif isinstance(task, str):
+            if task not in state.bank.task_names:
+                raise ValueError(f"no task named {task!r} in the bank (tasks: {state.bank.task_names})")
+            index = state.bank.task_names.index(task)
+        else:
+            index = int(task)
+            if not 0 <= index < state.bank.num_tasks:
+                raise ValueError(f"task index {index} out of range for a bank of {state.bank.num_tasks} tasks")
+        w = np.asarray(weight, np.float32)
+        if w.ndim and len(w) != len(texts):
+            raise ValueError(f"{len(w)} weights for {len(texts)} texts")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(w > 1):
+            raise ValueError(f"weight M must be within [0, 1], got {weight!r}")
+        encoder = self.text_encoder()
+        if not texts:
+            return np.zeros((0, self.layout.embed_dim), np.float32)
+        return encoder.encode_tokens(encoder.tokens(texts), state.labels.text_k, state.labels.text_v, index, w)
 
     # ----------------------------------------------------------------- inference
     def pixel_values(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
@@ -295,37 +397,74 @@ class Predictor:
         n = len(pixel_values)
         step = n if not batch_size else int(batch_size)
         outs = [self.session.run(pixel_values[i:i + step], handle) for i in range(0, max(n, 1), max(step, 1))]
-        return {name: np.concatenate([o[name] for o in outs]) for name in OUTPUT_NAMES}
+        return {name: np.concatenate([o[name] for o in outs]) for name in OUTPUT_NAMES if name in outs[0]}
 
     def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 8,
-                on_progress: Callable[[int], None] | None = None) -> list[Prediction]:
-        """One :class:`Prediction` per input, in order; a bad input gets its error, the others are predicted."""
-        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, on_progress=on_progress))
+                on_progress: Callable[[int], None] | None = None, labels: Sequence[str] | None = None,
+                template: str | None = None) -> list[Prediction]:
+        """One :class:`Prediction` per input, in order; a bad input gets its error, the others are predicted.
+
+        ``labels``: classify among these labels instead of the bank's classes, with ``template`` (default
+        ``"a photo of a {}."``): the image path is unchanged (task and ``M`` from the Gaussians, pass 2), the labels
+        are encoded under the selected task's text adapter at the image's ``M`` (:mod:`diki_edge_runtime.labels`).
+        """
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, on_progress=on_progress,
+                                      labels=labels, template=template))
 
     def iter_predict(self, inputs: ImageInput | Sequence[ImageInput] | Iterable[ImageInput], top_k: int = 5,
-                     batch_size: int = 8, on_progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+                     batch_size: int = 8, on_progress: Callable[[int], None] | None = None,
+                     labels: Sequence[str] | None = None, template: str | None = None) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding results batch by batch. Inputs are read lazily: at most the batch being
-        answered plus ``batch_size + 2 * workers`` in the decode pool are held, whatever the number of inputs."""
+        answered plus ``batch_size + 2 * workers`` in the decode pool are held, whatever the number of inputs.
+
+        Arguments, labels and the model's text graph are checked when this is called, before any image is read.
+        """
+        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
+            inputs = [inputs]
+        return self._iter_chunks(inputs, self._call(top_k, batch_size, labels, template), batch_size, on_progress)
+
+    def predict_pixels(self, pixel_values: np.ndarray, top_k: int = 5, batch_size: int = 8,
+                       labels: Sequence[str] | None = None, template: str | None = None) -> list[Prediction]:
+        """:meth:`predict` for images already preprocessed into ``[B, 3, H, W]`` (e.g. by the evaluator): the
+        same selection, labels and results, without decoding (inputs are named ``<pixels #i>``)."""
+        call = self._call(top_k, batch_size, labels, template)
+        results: list[Prediction] = []
+        for start in range(0, len(pixel_values), batch_size):
+            pending = [Prediction(f"<pixels #{i}>", i)
+                       for i in range(start, min(start + batch_size, len(pixel_values)))]
+            self._run(np.asarray(pixel_values[start:start + batch_size]), pending, call)
+            results += pending
+        return results
+
+    def _call(self, top_k: int, batch_size: int, labels: Sequence[str] | None, template: str | None) -> _Call:
+        """Check a call's arguments (and, for labels, the text graph) and fix the bank snapshot it runs on."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
-            inputs = [inputs]
-        state = self._state  # one bank for the whole call, even if another thread swaps it meanwhile
-        assert state is not None
+        if labels is None and template is None:
+            state = self._state  # one bank for the whole call, even if another thread swaps it meanwhile
+            assert state is not None
+            return _Call(state, top_k)
+        if labels is None:
+            raise ValueError("a template needs labels")
+        prompts = label_prompts(labels, template)
+        return _Call(self._state_with_labels(), top_k, list(labels), prompts)
+
+    def _iter_chunks(self, inputs: Iterable[ImageInput], call: _Call, batch_size: int,
+                     on_progress: Callable[[int], None] | None) -> Iterator[Prediction]:
         decoded = ordered_map(self._decode, enumerate(inputs), self.workers, ahead=batch_size + 2 * self.workers)
         chunk: list[tuple[Prediction, np.ndarray | None]] = []
         with closing(decoded):  # stopping early stops the decode threads too
             for pair in decoded:
                 chunk.append(pair)
                 if len(chunk) == batch_size:
-                    yield from self._predict_chunk(chunk, state, top_k)
+                    yield from self._predict_chunk(chunk, call)
                     if on_progress:
                         on_progress(len(chunk))
                     chunk = []
         if chunk:
-            yield from self._predict_chunk(chunk, state, top_k)
+            yield from self._predict_chunk(chunk, call)
             if on_progress:
                 on_progress(len(chunk))
 
@@ -342,35 +481,48 @@ class Predictor:
             res.error, res.error_kind = f"{res.input}: cannot decode: {type(exc).__name__}: {exc}", "unsupported"
         return res, None
 
-    def _predict_chunk(self, chunk: list[tuple[Prediction, np.ndarray | None]], state: _BankState,
-                       top_k: int) -> list[Prediction]:
+    def _predict_chunk(self, chunk: list[tuple[Prediction, np.ndarray | None]], call: _Call) -> list[Prediction]:
         pending = [res for res, pixels in chunk if pixels is not None]
         if pending:
-            self._run(np.stack([pixels for _, pixels in chunk if pixels is not None]), pending, state, top_k)
+            self._run(np.stack([pixels for _, pixels in chunk if pixels is not None]), pending, call)
         return [res for res, _ in chunk]
 
-    def _run(self, pixels: np.ndarray, pending: list[Prediction], state: _BankState, top_k: int) -> None:
+    def _run(self, pixels: np.ndarray, pending: list[Prediction], call: _Call) -> None:
         try:
-            out = self.session.run(pixels, state.handle)
+            out = self.session.run(pixels, call.state.handle)
         except Exception as exc:
             if len(pending) > 1:  # isolate the image that breaks the graph; the others still get answers
                 for i, res in enumerate(pending):
-                    self._run(pixels[i:i + 1], [res], state, top_k)
+                    self._run(pixels[i:i + 1], [res], call)
                 return
             res = pending[0]
             res.error, res.error_kind = f"{res.input}: inference failed: {type(exc).__name__}: {exc}", "inference"
             return
-        self._fill(out, pending, state, top_k)
+        self._fill(out, pending, call)
 
     @staticmethod
-    def _fill(out: dict[str, np.ndarray], pending: list[Prediction], state: _BankState, top_k: int) -> None:
-        """Results from the graph's outputs. A row with a task index out of range or any non-finite value the
-        result depends on becomes that image's ``inference`` error: nothing non-finite is ever returned."""
+    def _fill(out: dict[str, np.ndarray], pending: list[Prediction], call: _Call) -> None:
+        """Results from the graph's outputs (the bank's classes, or the call's labels). A row with a task index out
+        of range or any non-finite value the result depends on becomes that image's ``inference`` error: nothing
+        non-finite is ever returned."""
+        state = call.state
         tasks = state.bank.tasks
+        label_logits = None
+        if call.prompts is not None:  # rows whose task or M cannot be used are reported by _output_problem
+            usable = [r for r in range(len(pending)) if 0 <= int(out["task"][r]) < len(tasks)
+                      and 0.0 <= float(out["weight"][r]) <= 1.0]
+            label_logits = np.full((len(pending), len(call.prompts)), np.nan)
+            if usable:
+                label_logits[usable] = state.labels.logits(call.prompts, out["image_embeds"][usable],
+                                                           out["task"][usable], out["weight"][usable])
         for row, res in enumerate(pending):
             t = int(out["task"][row])
-            cols = np.nonzero(state.class_task == t)[0] if 0 <= t < len(tasks) else np.zeros(0, np.int64)
-            logits = out["logits"][row, cols].astype(np.float64)
+            if label_logits is None:
+                cols = np.nonzero(state.class_task == t)[0] if 0 <= t < len(tasks) else np.zeros(0, np.int64)
+                names: Sequence[str] = [state.class_names[c] for c in cols]
+                logits = out["logits"][row, cols].astype(np.float64)
+            else:
+                names, logits = call.labels, label_logits[row].astype(np.float64)
             weight = float(out["weight"][row])
             scores, embeds = out["task_scores"][row], out["image_embeds"][row]
             problem = _output_problem(t, len(tasks), logits, weight, scores, embeds)
@@ -379,12 +531,14 @@ class Predictor:
                 continue
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
-            order = np.argsort(-probs, kind="stable")[:top_k]
-            res.top_k = [(state.class_names[cols[i]], float(probs[i])) for i in order]
+            order = np.argsort(-probs, kind="stable")[:call.top_k]
+            res.top_k = [(names[i], float(probs[i])) for i in order]
             res.task, res.task_index = tasks[t].name, t
             res.weight = weight
             res.task_scores = np.asarray(scores, np.float32).copy()
             res.image_embeds = np.asarray(embeds, np.float32).copy()
+            if "frozen_embeds" in out:
+                res.frozen_embeds = np.asarray(out["frozen_embeds"][row], np.float32).copy()
 
 
 def _output_problem(task: int, num_tasks: int, logits: np.ndarray, weight: float, scores: np.ndarray,

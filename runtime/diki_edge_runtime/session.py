@@ -181,6 +181,10 @@ class Session:
         self.bank_uploads += 1
         return BankHandle(host, device)
 
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward of any graph from host arrays (the text graph's entry point): ``{output name: array}``."""
+        return dict(zip(self.output_names, self._sess.run(self.output_names, dict(feeds))))
+
     def run(self, pixel_values: np.ndarray, bank: BankHandle) -> dict[str, np.ndarray]:
         """One forward: ``{output name: array}`` on the host."""
         pixels = np.ascontiguousarray(pixel_values, dtype=self.input_dtype("pixel_values"))

@@ -89,7 +89,7 @@ def test_folder_contents_and_manifest(exported, world):
     result, session = exported
     folder = result.out_dir
     assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json", "model.onnx",
-                                                         "preprocess.json"]
+                                                         "preprocess.json", "text.onnx", "tokenizer.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert Manifest.from_json(manifest) == result.manifest  # the typed manifest round-trips through the file
     assert manifest["format_version"] == 1
@@ -189,7 +189,14 @@ def test_int8_export_meets_its_bound(world, tmp_path):
     model = onnx.load(str(result.model_path))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node)
     assert sorted(p.name for p in result.out_dir.iterdir()) == ["bank.safetensors", "manifest.json", "model.onnx",
-                                                                 "preprocess.json"]
+                                                                 "preprocess.json", "text.onnx", "tokenizer.json"]
+    # the text graph is quantised too and meets the same bounds against its fp32 form
+    text = manifest["text"]["validation"]
+    assert text["fp32"]["passed"] and text["int8"]["passed"]
+    assert text["int8"]["summary"]["cosine_min"] >= validate.INT8_MIN_COSINE
+    assert text["int8"]["summary"]["top1_agreement"] >= validate.INT8_MIN_TOP1_AGREEMENT
+    text_model = onnx.load(str(result.out_dir / "text.onnx"))
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in text_model.graph.node)
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     pixels = torch.cat([world.images(0, 2), world.images(5, 2)])
     got = run_graph(session, pixels, world.banks[3])
@@ -210,6 +217,10 @@ def test_fp16_export_states_where_it_was_validated(world, tmp_path):
     if fp16 is not None:
         assert fp16["passed"] and fp16["summary"]["cosine_min"] >= 0.999
         assert manifest["validated_providers"] == [fp16["provider"]]
+    text_fp16 = manifest["text"]["validation"].get("fp16")
+    if fp16 is not None:  # where the image graph's fp16 runs, the text graph's does too, within the same bound
+        assert text_fp16["passed"] and text_fp16["summary"]["cosine_min"] >= 0.999
+    assert manifest["text"]["inputs"]["prompt_weight"]["dtype"] == "float32"
 
 
 # ----------------------------------------------------------------------------------------------- errors

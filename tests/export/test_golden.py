@@ -105,3 +105,15 @@ def test_regenerated_graph_and_reference_reproduce_the_committed_outputs(fresh):
         assert_close_outputs(got, want, f"regenerated graph, bank {name}")
         assert_close_outputs({k: regenerated[f"{name}.{k}"] for k in OUTPUT_NAMES}, want,
                              f"regenerated reference, bank {name}")
+
+
+def test_regenerated_label_and_text_references_reproduce_the_committed_ones(fresh):
+    """The references the runtime's label tests compare with (golden.npz ``three.labels.*``, ``text.*``)."""
+    committed, regenerated = _outputs(GOLDEN), _outputs(fresh)
+    keys = [k for k in committed if k.startswith(("three.labels.", "text."))]
+    assert len(keys) == 5
+    for key in keys:
+        if key == "three.labels.task":
+            np.testing.assert_array_equal(regenerated[key], committed[key])
+        else:
+            assert np.abs(regenerated[key] - committed[key]).max() <= 1e-4, key

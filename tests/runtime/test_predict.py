@@ -51,7 +51,8 @@ def _check_against_reference(golden, results, names: list[str], bank: str) -> di
 
 
 def test_model_folder_contract(golden):
-    for name in ("model.onnx", "bank.safetensors", "preprocess.json", "manifest.json"):
+    for name in ("model.onnx", "bank.safetensors", "preprocess.json", "manifest.json", "text.onnx",
+                 "tokenizer.json"):
         assert (golden.model_dir / name).is_file(), name
 
 
@@ -325,7 +326,7 @@ def test_cli_json_lines_without_torch(golden, tmp_path):
     inputs = [d["input"] for d in lines]
     assert inputs == [str(img_dir / "a.png"), str(img_dir / "b.png"), str(img_dir / "sub" / "c.png"),
                       str(tmp_path / "bad.jpg"), str(tmp_path / "missing.png"), str(tmp_path / "zz*.png")]
-    keys = {"input", "ok", "task", "task_index", "weight", "top_k", "error"}
+    keys = {"input", "ok", "task", "task_index", "weight", "top_k", "image_embeds", "frozen_embeds", "error"}
     for d in lines:
         assert set(d) == keys
     ok = [d for d in lines if d["ok"]]

@@ -1,0 +1,62 @@
+"""A model folder exported before the text graph (issue 10, must-hold 1): no ``text`` section, no text files and
+no ``frozen_embeds`` output. It keeps working for image-only prediction; labels, ``encode_text`` and
+``--embeddings`` answer with a "re-export" message. Made here from the golden folder (``onnx`` edits the graph)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from diki_edge_runtime import Predictor
+from diki_edge_runtime.contract import Manifest
+from diki_edge_runtime.errors import RuntimeSetupError
+from support import GOLDEN  # tests/support.py
+
+
+@pytest.fixture(scope="module")
+def old_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("old") / "model"
+    shutil.copytree(GOLDEN / "model", folder)
+    (folder / "text.onnx").unlink()
+    (folder / "tokenizer.json").unlink()
+    data = json.loads((folder / "manifest.json").read_text())
+    del data["text"]
+    del data["outputs"]["frozen_embeds"]
+    Manifest.from_json(data)  # still a valid manifest
+    (folder / "manifest.json").write_text(json.dumps(data))
+    model = onnx.load(str(folder / "model.onnx"))
+    keep = [o for o in model.graph.output if o.name != "frozen_embeds"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def _predict(*args: str):
+    import typer
+
+    from diki_edge_runtime.cli_predict import predict_command
+
+    app = typer.Typer(add_completion=False)
+    app.command()(predict_command)
+    return CliRunner().invoke(app, list(args))
+
+
+def test_old_folder_predicts_images_and_asks_to_re_export_for_labels(old_folder):
+    files = sorted(str(p) for p in (GOLDEN / "images").glob("*.png"))
+    old, new = Predictor(old_folder, threads=1), Predictor(GOLDEN / "model", threads=1)
+    for a, b in zip(old.predict(files), new.predict(files)):
+        assert a.top_k == b.top_k and a.task == b.task and a.frozen_embeds is None and b.frozen_embeds is not None
+    assert not old.has_text and not old.has_frozen_embeds
+    for call in (lambda: old.predict(files, labels=["rocket", "cat"]), lambda: old.encode_text(["a cat"])):
+        with pytest.raises(RuntimeSetupError, match="re-export"):
+            call()
+    for extra in (["--labels", "rocket,cat"], ["--json", "--embeddings"]):
+        res = _predict(files[0], "--model", str(old_folder), *extra)
+        assert res.exit_code == 2 and "re-export" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = _predict(files[0], "--model", str(old_folder), "--json", "--quiet")
+    assert res.exit_code == 0 and json.loads(res.stdout)["frozen_embeds"] is None

@@ -1,0 +1,124 @@
+"""Label-only tasks added on the device (issue 10, must-hold 6): ``diki-edge bank add-task`` without torch, on
+real photographs: the golden folder's bank lacks the ``portraits`` task; ``examples/portraits`` holds 48 crops of
+its photograph (never used elsewhere) and ``images/astronaut_*`` two unseen crops."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+
+from diki_edge_runtime import Predictor
+from diki_edge_runtime.bank import TaskBank
+from support import run_blocked  # tests/support.py
+
+
+def _bank_app(*args: str):
+    from typer.testing import CliRunner
+
+    from diki_edge_runtime.cli_bank import bank_app
+
+    return CliRunner().invoke(bank_app, list(args))
+
+
+def _examples(golden):
+    return golden.root / "examples" / "portraits"
+
+
+def test_add_task_without_torch_then_the_new_domain_selects_it(golden, tmp_path):
+    labels = golden.meta["classes"]["portraits"]
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(golden.bank_path.read_bytes())
+    examples = tmp_path / "examples"
+    shutil.copytree(_examples(golden), examples)
+    (examples / "broken.jpg").write_bytes(b"not an image")
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from diki_edge_runtime.cli_bank import bank_app
+res = CliRunner().invoke(bank_app, ["add-task", {str(bank)!r}, "portraits", "--labels", {", ".join(labels)!r},
+                                    "--images", {str(examples)!r}, "--model", {str(golden.model_dir)!r}])
+print(res.stdout, res.stderr)
+bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")]
+sys.exit(res.exit_code or (3 if bad else 0))
+"""
+    res = run_blocked(code)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "broken.jpg" in res.stdout and "48 example images" in res.stdout
+
+    three = golden.banks["three"]
+    new = TaskBank.load(bank)
+    assert new.task_names == three.task_names + ["portraits"]
+    sl = new.task_slice("portraits")
+    assert sl.info.classes == labels and sl.info.num_samples == 48 and sl.info.extra == {"label_only": True}
+    for arr in (sl.image_k, sl.image_v, sl.text_k, sl.text_v):
+        assert not arr.any()  # V_r = 0 (and K_r = 0): the branch adds exactly nothing
+    before_p = Predictor(golden.model_dir, threads=1)
+    frozen = before_p.encode_text([f"a photo of a {c}." for c in labels])
+    for level in sl.class_embeds:  # the frozen label embeddings at every level
+        np.testing.assert_array_equal(level, frozen)
+    for name in three.task_names:  # the other tasks' slices are untouched
+        a, b = three.task_slice(name), new.task_slice(name)
+        assert np.array_equal(a.image_v, b.image_v) and np.array_equal(a.class_embeds, b.class_embeds)
+
+    files = [str(f) for f in golden.files]
+    before, after = before_p.predict(files), Predictor(golden.model_dir, threads=1, bank=bank).predict(files)
+    moved = kept = 0
+    for name, b, a in zip(golden.names, before, after):
+        task = golden.meta["familiar_task"].get(name)
+        if task == "portraits":  # unseen crops of the new domain: the new task, among its labels
+            assert a.task == "portraits" and a.weight > 0.05 and b.task != "portraits", (name, a.task, a.weight)
+            assert {c for c, _ in a.top_k} <= set(labels) and len(a.top_k) == 3
+            moved += 1
+        elif task is not None:  # images of the other tasks keep their predictions
+            assert (a.task, a.top_k[0][0]) == (b.task, b.top_k[0][0])
+            assert abs(a.weight - b.weight) <= 1e-6
+            assert np.abs(np.array([p for _, p in a.top_k]) - np.array([p for _, p in b.top_k])).max() <= 1e-5
+            kept += 1
+    assert moved == 2 and kept == 6
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_input_is_a_clear_error_and_the_bank_is_untouched(golden, tmp_path):
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(golden.bank_path.read_bytes())
+    before = _digest(bank)
+    examples = str(_examples(golden))
+    (tmp_path / "empty").mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.png").write_bytes(b"\x89PNG but not really")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    cases = {
+        "no images": (["new", "--labels", "a,b", "--images", str(tmp_path / "empty")], "no example images"),
+        "unreadable only": (["new", "--labels", "a,b", "--images", str(junk)], "0 of 3 example images could be read"),
+        "empty label list": (["new", "--labels-file", str(tmp_path / "blank.txt"), "--images", examples],
+                             "holds no labels"),
+        "duplicate labels": (["new", "--labels", "cat,dog,cat", "--images", examples], "duplicate labels"),
+        "name in the bank": (["pets", "--labels", "a,b", "--images", examples], "already in the bank"),
+        "no labels": (["new", "--images", examples], "--labels or --labels-file"),
+    }
+    for case, (args, message) in cases.items():
+        res = _bank_app("add-task", str(bank), *args, "--model", str(golden.model_dir))
+        assert res.exit_code != 0 and message in res.stderr, (case, res.stderr)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (case, res.exception)
+        assert _digest(bank) == before, case
+    res = _bank_app("add-task", str(bank), "new", "--labels", "a,b", "--images", examples)  # not in a model folder
+    assert res.exit_code != 0 and "pass --model" in res.stderr and _digest(bank) == before
+
+
+def test_add_task_in_a_model_folder_finds_the_model_by_itself(golden, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(golden.model_dir, folder)
+    examples = _examples(golden)
+    res = _bank_app("add-task", str(folder / "bank.safetensors"), "portraits", "--labels", "astronaut,pilot",
+                    "--images", str(examples / "0*.png"), "--images", str(examples / "1*.png"))
+    assert res.exit_code == 0, res.stderr
+    assert "20 example images" in res.stderr
+    p = Predictor(folder, threads=1)
+    assert p.tasks[-1] == "portraits" and p.predict([str(golden.files[0])])[0].ok
