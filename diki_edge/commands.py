@@ -1,4 +1,4 @@
-"""The training core's ``diki-edge`` commands: ``train``, ``eval`` and ``demo``.
+"""The training core's ``diki-edge`` commands: ``train`` and ``eval``.
 
 Registered into the runtime's app (:mod:`diki_edge_runtime.cli`) through the ``diki_edge.commands`` entry-point
 group; every command imports torch and the training modules inside its body, so ``diki-edge --help`` stays fast.
@@ -82,23 +82,7 @@ def train(
     err.print(msg, highlight=False)
 
 
-def demo(
-    out: Path = typer.Option(Path("demo-out"), help="Folder for the data, bank, model and samples (replaced)."),
-    order: str = typer.Option("A", help="DCIL task order (A or B)."),
-    epochs: int = typer.Option(10, min=1),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
-    """Learn the DCIL tasks on the bundled backbone, export, predict held-out images, print the table."""
-    from diki_edge.demo import run_demo
-
-    try:
-        run_demo(out, order=order, epochs=epochs, quiet=quiet)
-    except DikiEdgeError as exc:
-        fail(str(exc))
-
-
 def register(app: typer.Typer) -> None:
     """Entry point of the ``diki_edge.commands`` group."""
     app.command("train")(train)
     app.command("eval")(eval_command)
-    app.command("demo")(demo)

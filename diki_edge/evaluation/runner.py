@@ -28,7 +28,6 @@ from diki_edge.evaluation.methods import (
     FineTuneConfig,
     FrozenFeatures,
     Method,
-    OnnxDiki,
     PromptConfig,
     PromptEngine,
     PromptMethod,
@@ -81,6 +80,23 @@ def _quiet_log(_: str) -> None:
     pass
 
 
+# Methods other distributions provide (``diki-onnx`` comes with diki-edge-export), so that the training core never
+# imports the exporter: entry point name = method key, value = the Method class.
+METHOD_GROUP = "diki_edge.eval_methods"
+
+
+def plugin_method(key: str) -> type[Method]:
+    from importlib.metadata import entry_points
+
+    from diki_edge_runtime.errors import DikiEdgeError
+
+    for ep in entry_points(group=METHOD_GROUP):
+        if ep.name == key:
+            return ep.load()
+    raise DikiEdgeError(f"method {key!r} comes with the exporter, which is not installed here: "
+                        "pip install diki-edge-export")
+
+
 def build_methods(backbone, cfg: EvalConfig, work_dir: Path) -> list[Method]:
     unknown = [m for m in cfg.methods if m not in METHOD_KEYS]
     if unknown:
@@ -103,7 +119,7 @@ def build_methods(backbone, cfg: EvalConfig, work_dir: Path) -> list[Method]:
         elif key == "diki-no-calib":
             out.append(DikiMethod(engine, "uncalibrated"))
         elif key == "diki-onnx":
-            out.append(OnnxDiki(engine, work_dir / "onnx", cfg.onnx_pixels, cfg.threads))
+            out.append(plugin_method(key)(engine, work_dir / "onnx", cfg.onnx_pixels, cfg.threads))
         elif key == "prompt-l2p":
             pe = PromptEngine(backbone, frozen, train_cfg.residual_length, PromptConfig(cfg.prompt_lr, seed=cfg.seed),
                               schedule)
@@ -234,7 +250,7 @@ def run_sequences(backbone, sequences: dict[str, list[EvalTask]], holdouts: Sequ
                 log(f"  [{order}] {method.key} failed: {type(exc).__name__}: {exc}")
                 continue
             rec["retention"] = _retention_summary(before, rec["retention_after"], untouched)
-            if isinstance(method, OnnxDiki):
+            if method.key == "diki-onnx":
                 rec["export_seconds"] = round(method.export_seconds, 3)
                 rec["model_bytes"] = method.model_bytes
             rec_order["methods"][method.key] = rec

@@ -1,4 +1,5 @@
-"""``diki-edge export``: a typer-compatible command (added to the ``diki-edge`` app through the ``diki_edge.commands`` entry points).
+"""``diki-edge export`` and ``diki-edge demo`` (train, export and predict end to end): typer commands added to the
+``diki-edge`` app through the ``diki_edge.commands`` entry points.
 
 Module-level imports stay light (no torch): the CLI imports this module to build its help text.
 """
@@ -46,6 +47,28 @@ def export_command(
         raise typer.Exit(code=1) from None
 
 
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for the data, bank, model and samples (replaced)."),
+    order: str = typer.Option("A", help="DCIL task order (A or B)."),
+    epochs: int = typer.Option(10, min=1),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Learn the DCIL tasks on the bundled backbone, export, predict held-out images, print the table."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from diki_edge_runtime.errors import DikiEdgeError
+
+    from diki_edge_export.demo import run_demo
+
+    try:
+        run_demo(out, order=order, epochs=epochs, quiet=quiet)
+    except DikiEdgeError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
 def register(app: typer.Typer) -> None:
     """Entry point of the ``diki_edge.commands`` group: adds ``export`` to the runtime's ``diki-edge`` app."""
     app.command("export")(export_command)
+    app.command("demo")(demo)

@@ -28,7 +28,7 @@ COMMAND_GROUP = "diki_edge.commands"
 PLUGIN_COMMANDS = {
     "train": "pip install diki-edge",
     "eval": "pip install 'diki-edge[data]'",
-    "demo": "pip install 'diki-edge[data]'",
+    "demo": "pip install 'diki-edge[data,export]'",
     "export": "pip install diki-edge-export",
 }
 

@@ -150,6 +150,7 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
     from diki_edge_runtime.label_task import add_label_task
     from diki_edge_runtime.labels import parse_labels, read_labels_file
 
+    _check_output(output or path, [path])  # before any image is encoded
     try:
         if (labels is None) == (labels_file is None):
             raise ValueError("give the task's labels with --labels or --labels-file (one of them)")

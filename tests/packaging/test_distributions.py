@@ -36,6 +36,8 @@ NOT_IMPORTED = {
     "pytest": "the test runner (the runtime's test extra)",
     "pytest-timeout": "the test runner's plugin (the runtime's test extra)",
     "hypothesis": "the property-based tests (tests/runtime/test_fuzz.py; the runtime's test extra)",
+    "diki-edge-export": "the training core's `export` extra: one install line for a training machine "
+                        "(pip install 'diki-edge[export,cpu]'); the core itself never imports the exporter",
 }
 
 
@@ -117,6 +119,14 @@ def test_the_runtime_neither_imports_nor_depends_on_torch_onnx_or_the_other_dist
     assert not forbidden, f"the runtime imports {forbidden}"
     heavy = {"torch", "torchvision", "open-clip-torch", "onnx", "onnxscript", "diki-edge", "diki-edge-export"}
     assert not declared(pyproject) & heavy
+
+
+def test_the_training_core_never_imports_the_exporter():
+    """Arrows point one way: the exporter imports the training core, never the reverse (the demo and the ONNX
+    evaluation method live in the exporter; the evaluator finds the latter through an entry point)."""
+    core = imports(DISTRIBUTIONS["diki-edge"][1])
+    assert "diki_edge_export" not in core, f"the training core imports the exporter at {core['diki_edge_export']}"
+    assert "diki_edge" in imports(DISTRIBUTIONS["diki-edge-export"][1])
 
 
 def test_the_checks_see_real_imports_and_declarations():

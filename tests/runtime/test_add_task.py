@@ -122,3 +122,19 @@ def test_add_task_in_a_model_folder_finds_the_model_by_itself(golden, tmp_path):
     assert "20 example images" in res.stderr
     p = Predictor(folder, threads=1)
     assert p.tasks[-1] == "portraits" and p.predict([str(golden.files[0])])[0].ok
+
+
+def test_an_unwritable_output_fails_before_any_image_is_encoded(golden, tmp_path, monkeypatch):
+    import diki_edge_runtime.label_task as label_task
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("add-task encoded images although its output cannot be written")
+
+    monkeypatch.setattr(label_task, "add_label_task", must_not_run)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output's folder should be")
+    out = blocker / "bank.safetensors"
+    res = _bank_app("add-task", str(golden.bank_path), "new", "--labels", "a,b", "--images",
+                    str(_examples(golden)), "--model", str(golden.model_dir), "--out", str(out))
+    assert res.exit_code == 1, res.stderr
+    assert str(blocker) in res.stderr and "Traceback" not in res.stderr

@@ -15,7 +15,6 @@ from diki_edge.evaluation.methods.common import (
 )
 from diki_edge.evaluation.methods.diki import DikiEngine, DikiMethod, UncalibratedDiki
 from diki_edge.evaluation.methods.finetune import FineTuneConfig, SequentialFineTune
-from diki_edge.evaluation.methods.onnx import OnnxDiki
 from diki_edge.evaluation.methods.prompts import (
            PromptConfig,
            PromptEngine,
@@ -26,5 +25,5 @@ from diki_edge.evaluation.methods.zero_shot import ZeroShot
 METHOD_KEYS = ["zero-shot", "diki", "diki-vote", "diki-no-calib", "prompt-l2p", "finetune", "diki-onnx"]
 
 __all__ = ["METHOD_KEYS", "DikiEngine", "DikiMethod", "FineTuneConfig", "FrozenFeatures", "LearnReport", "Method",
-           "OnnxDiki", "Outcome", "PromptConfig", "PromptEngine", "PromptMethod", "Schedule", "SequentialFineTune",
+           "Outcome", "PromptConfig", "PromptEngine", "PromptMethod", "Schedule", "SequentialFineTune",
            "UncalibratedDiki", "ZeroShot"]

@@ -1,4 +1,5 @@
-"""DIKI exported: the bank of each row exported once and run through the torch-free runtime's
+"""The DCIL benchmark's ``diki-onnx`` method (registered in the ``diki_edge.eval_methods`` entry-point group, so
+the training core's evaluator never imports the exporter): DIKI exported, the bank of each row exported once and run through the torch-free runtime's
 :meth:`~diki_edge_runtime.predictor.Predictor.predict`, every accuracy-matrix entry included: a learned task's
 images among the selected task's classes (the bank's own), a task not learned yet and the held-out sets among
 their own class names given as ``labels=`` (the runtime's text graph encodes them under the selected task's
@@ -23,6 +24,7 @@ from diki_edge.evaluation.methods.common import (
 )
 from diki_edge.evaluation.methods.diki import DikiEngine
 from diki_edge.evaluation.tasks import EvalTask
+from diki_edge_export.exporter import export_model
 
 
 class OnnxDiki(Method):
@@ -51,7 +53,6 @@ class OnnxDiki(Method):
     def _ensure_export(self) -> None:
         """Export once (the first row's bank); later rows swap their bank in with ``load_bank``."""
         if self.predictor is None:
-            from diki_edge_export import export_model
             from diki_edge_runtime import Predictor
 
             self.work_dir.mkdir(parents=True, exist_ok=True)
