@@ -204,10 +204,7 @@ class Predictor:
         self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
                                io_binding=io_binding, provider_options=provider_options, low_memory=low_memory,
                                log_severity=log_severity)
-        absent = [n for n in INPUT_NAMES if n not in self.session.input_types]
-        absent += [n for n in REQUIRED_OUTPUT_NAMES if n not in self.session.output_names]
-        if absent:
-            raise RuntimeSetupError(f"{self.model_dir / MODEL_FILE}: graph lacks inputs/outputs {absent}")
+        self.session.require(INPUT_NAMES, REQUIRED_OUTPUT_NAMES, f"{self.model_dir / MODEL_FILE}: graph")
         for name in INPUT_NAMES:
             if self.session.input_dtype(name) != self._dtypes[name]:
                 raise RuntimeSetupError(f"{self.model_dir}: manifest declares {name} as {self._dtypes[name]} but the "
@@ -218,7 +215,7 @@ class Predictor:
                                     f"match the graph's pixel_values {graph_hw}")
         self._lock = threading.Lock()
         self._text_args = dict(provider=provider, threads=threads, device_id=device_id,
-                               provider_options=provider_options, low_memory=low_memory)
+                               provider_options=provider_options, low_memory=low_memory, log_severity=log_severity)
         self._text: TextEncoder | None = None  # opened on first use: image-only callers never pay for it
         self.label_cache_bytes = int(label_cache_bytes)
         self._state: _BankState | None = None

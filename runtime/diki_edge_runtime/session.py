@@ -162,6 +162,13 @@ class Session:
         return {"low_memory": self.low_memory, "cpu_mem_arena": bool(opts.enable_cpu_mem_arena),
                 "mem_pattern": bool(opts.enable_mem_pattern)}
 
+    def require(self, inputs: Sequence[str], outputs: Sequence[str], what: str) -> None:
+        """Refuse a graph that lacks any of these inputs or outputs (``what`` names it in the error)."""
+        absent = [n for n in inputs if n not in self.input_types]
+        absent += [n for n in outputs if n not in self.output_names]
+        if absent:
+            raise RuntimeSetupError(f"{what} lacks inputs/outputs {absent}")
+
     def input_dtype(self, name: str) -> np.dtype:
         return numpy_dtype(self.input_types[name])
 

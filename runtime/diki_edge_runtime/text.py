@@ -17,8 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from diki_edge_runtime.contract import MANIFEST_FILE, TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, TextSection
-from diki_edge_runtime.errors import RuntimeSetupError
-from diki_edge_runtime.session import Session
+from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, Session
 from diki_edge_runtime.tokenizer import ClipTokenizer, TokenizerSpec
 
 TEXT_BATCH = 64  # prompts per text-graph run
@@ -29,7 +28,8 @@ class TextEncoder:
 
     def __init__(self, model_dir: str | os.PathLike, section: TextSection, provider: str | Sequence[str] = "cpu",
                  threads: int | None = None, device_id: int = 0, *,
-                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False):
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False,
+                 log_severity: int = DEFAULT_LOG_SEVERITY):
         """The session settings are the image graph's (``Predictor``'s arguments)."""
         model_dir = Path(model_dir)
         source = str(model_dir / MANIFEST_FILE)
@@ -37,11 +37,8 @@ class TextEncoder:
                                                  TokenizerSpec.from_json(section.tokenizer, source))
         self.session = Session(model_dir / section.files["model"], provider=provider, threads=threads,
                                device_id=device_id, io_binding=False, provider_options=provider_options,
-                               low_memory=low_memory)
-        absent = [n for n in TEXT_INPUT_NAMES if n not in self.session.input_types]
-        absent += [n for n in TEXT_OUTPUT_NAMES if n not in self.session.output_names]
-        if absent:
-            raise RuntimeSetupError(f"{model_dir / section.files['model']}: text graph lacks inputs/outputs {absent}")
+                               low_memory=low_memory, log_severity=log_severity)
+        self.session.require(TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, f"{model_dir / section.files['model']}: text graph")
         self.prompts_encoded = 0
         self._count = threading.Lock()
 
