@@ -189,6 +189,18 @@ class TextSection:
         return cls(data["inputs"], data["outputs"], data["files"], data["tokenizer"], data["validation"])
 
 
+def read_json_file(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any:
+    """Parse a JSON file (the manifest, ``preprocess.json``, a provider-options file): a missing or unreadable file is
+    a :class:`RuntimeSetupError` naming ``path`` and ``what`` it should have been. Callers check the value's type."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RuntimeSetupError(f"{path}: {what} not found{missing_hint}") from None
+    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        raise RuntimeSetupError(f"{path}: cannot read the {what}: {exc}") from None
+
+
 @dataclass
 class Manifest:
     """``manifest.json`` of a model folder: what the graph takes and returns, what it was made from, how it was
@@ -275,11 +287,6 @@ class Manifest:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Manifest":
         path = Path(folder) / MANIFEST_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RuntimeSetupError(f"{path}: manifest not found (is {path.parent} an exported diki-edge model "
-                                    "folder? create one with `diki-edge export`)") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise RuntimeSetupError(f"{path}: cannot read the manifest: {exc}") from None
+        data = read_json_file(path, "manifest", f" (is {path.parent} an exported diki-edge model folder? create one "
+                                                "with `diki-edge export`)")
         return cls.from_json(data, str(path))

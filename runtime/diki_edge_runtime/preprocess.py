@@ -33,7 +33,6 @@ the rest is never materialised. Only images more than ~80 times longer than wide
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from diki_edge_runtime.contract import read_json_file
 from diki_edge_runtime.errors import RuntimeSetupError
 
 # open_clip's OPENAI_DATASET_MEAN / _STD: the normalisation a preprocess config falls back to.
@@ -109,12 +109,7 @@ class Preprocess:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Preprocess":
         path = Path(path)
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RuntimeSetupError(f"{path}: preprocessing config not found") from None
-        except (OSError, ValueError) as exc:
-            raise RuntimeSetupError(f"{path}: cannot read preprocessing config: {exc}") from None
+        cfg = read_json_file(path, "preprocessing config")
         if not isinstance(cfg, dict):
             raise RuntimeSetupError(f"{path}: preprocessing config must be a JSON object")
         return cls.from_config(cfg, str(path))

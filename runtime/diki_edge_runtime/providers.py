@@ -21,13 +21,13 @@ arguments (:func:`parse_option_args`). Values are scalars; booleans are passed a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from diki_edge_runtime.contract import read_json_file
 from diki_edge_runtime.errors import RuntimeSetupError
 
 CPU = "CPUExecutionProvider"
@@ -153,12 +153,7 @@ def normalise_options(options: Mapping[str, Mapping[str, Any]] | None, ort: Any,
 def load_options_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """A JSON file ``{"tensorrt": {"trt_fp16_enable": true, "trt_engine_cache_path": "cache/"}, ...}``."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RuntimeSetupError(f"{p}: provider options file not found") from None
-    except (OSError, ValueError) as exc:
-        raise RuntimeSetupError(f"{p}: cannot read provider options ({exc})") from None
+    data = read_json_file(p, "provider options file")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise RuntimeSetupError(f"{p}: expected a JSON object {{provider: {{option: value}}}}")
     return data

@@ -212,7 +212,7 @@ def test_option_files(tmp_path):
     with pytest.raises(RuntimeSetupError, match="options.json: provider options file not found"):
         P.load_options_file(tmp_path / "missing" / "options.json")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(RuntimeSetupError, match="broken.json: cannot read provider options"):
+    with pytest.raises(RuntimeSetupError, match="broken.json: cannot read the provider options file"):
         P.load_options_file(tmp_path / "broken.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(RuntimeSetupError, match="list.json: expected a JSON object"):
