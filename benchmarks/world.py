@@ -234,10 +234,10 @@ class World:
         """The random weights as a safetensors checkpoint, as a user of the PyTorch path would load them."""
         path = self.dir / "weights.safetensors"
         if not path.is_file():
-            from diki_edge_export.exporter import _unwrapped_copy
+            from diki_edge_export.exporter import unwrapped_copy
             from safetensors.torch import save_file
 
-            clip = _unwrapped_copy(self.backbone.model)
+            clip = unwrapped_copy(self.backbone.model)
             tmp = path.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp))
             tmp.replace(path)
@@ -253,7 +253,7 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
 
     import torch
     import torch.nn.functional as F
-    from diki_edge_export.exporter import _unwrapped_copy
+    from diki_edge_export.exporter import unwrapped_copy
     from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
     from torch import nn
 
@@ -265,7 +265,7 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
         def forward(self, pixel_values):
             return F.normalize(self.clip.encode_image(pixel_values), dim=-1)
 
-    plain = Plain(_unwrapped_copy(clip)).eval()
+    plain = Plain(unwrapped_copy(clip)).eval()
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad(), mha_fastpath_disabled(), static_reshapes(plain.clip.visual), warnings.catch_warnings():
         warnings.simplefilter("ignore")

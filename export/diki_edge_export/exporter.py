@@ -139,7 +139,7 @@ def preprocess_json(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _unwrapped_copy(clip):
+def unwrapped_copy(clip):
     """A deep copy of an open_clip CLIP with any previously injected residual wrappers removed."""
     from diki_edge.model import ResidualKVAttention, _text_transformer
 
@@ -169,7 +169,7 @@ def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
             backbone = load_backbone(model or spec["model"], pretrained)
     elif not isinstance(backbone, Backbone):
         raise ExportError(f"backbone must be a diki_edge.backbone.Backbone, got {type(backbone).__name__}")
-    clip = _unwrapped_copy(backbone.model).eval()
+    clip = unwrapped_copy(backbone.model).eval()
     digest = weights_hash(clip)
     if digest != bank.layout.backbone_hash:
         raise ExportError(
