@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         app(args=argv, prog_name="diki-edge")
-    except DikiEdgeError as exc:  # a command that did not catch its own user error
+    except DikiEdgeError as exc:  # the one place that prints a user error; its class says the exit status
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except ModuleNotFoundError as exc:  # a plugin command whose heavy dependency is missing from this install
         root = (exc.name or "").split(".")[0]
         if not root or root.startswith("diki_edge_runtime"):

@@ -7,7 +7,19 @@ exporter (``diki_edge_export.errors``) derive their own errors from it.
 
 
 class DikiEdgeError(Exception):
-    """Base class: a user-facing error whose message is meant to be printed as is."""
+    """Base class: a user-facing error whose message is meant to be printed as is.
+
+    ``exit_code`` is the status the ``diki-edge`` command exits with when the error reaches ``cli.main``, the one
+    place that prints errors: 1 for a bad file or a failed operation, 2 for usage and setup errors.
+    """
+
+    exit_code = 1
+
+
+class UsageError(DikiEdgeError):
+    """A command was called wrongly: a bad option value, a missing or contradictory argument."""
+
+    exit_code = 2
 
 
 class BankError(DikiEdgeError):
@@ -16,3 +28,5 @@ class BankError(DikiEdgeError):
 
 class RuntimeSetupError(DikiEdgeError):
     """The runtime could not start: missing ONNX Runtime, unavailable provider, malformed model folder."""
+
+    exit_code = 2
