@@ -13,10 +13,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from diki_edge_export.validate import score_rel_error
 from diki_edge_runtime.bank import GRAPH_ARRAYS
 from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
-from support import GOLDEN, golden_script  # tests/support.py
+from support import GOLDEN, assert_graph_outputs_close, golden_script  # tests/support.py
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +37,6 @@ def _session(root):
     opts.log_severity_level = 3
     return ort.InferenceSession(str(root / "model" / "model.onnx"), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
-
-
-def assert_close_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
-    """The export validation's fp32 bounds (diki_edge_export.validate)."""
-    assert np.abs(got["image_embeds"] - want["image_embeds"]).max() <= 1e-4, what
-    assert score_rel_error(got["task_scores"], want["task_scores"]).max() <= 1e-5, what
-    assert np.abs(got["weight"] - want["weight"]).max() <= 1e-5, what
-    np.testing.assert_array_equal(got["task"], want["task"], err_msg=what)
-    np.testing.assert_array_equal(got["logits"].argmax(1), want["logits"].argmax(1), err_msg=what)
-    np.testing.assert_array_equal(np.isinf(got["logits"]), np.isinf(want["logits"]), err_msg=what)
 
 
 def test_same_files_and_description(fresh):
@@ -102,9 +91,10 @@ def test_regenerated_graph_and_reference_reproduce_the_committed_outputs(fresh):
         want = {k: committed[f"{name}.{k}"] for k in OUTPUT_NAMES}
         feeds = {"pixel_values": committed["pixel_values"], **bank.graph_inputs()}
         got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds)))
-        assert_close_outputs(got, want, f"regenerated graph, bank {name}")
-        assert_close_outputs({k: regenerated[f"{name}.{k}"] for k in OUTPUT_NAMES}, want,
-                             f"regenerated reference, bank {name}")
+        inputs = bank.graph_inputs()
+        assert_graph_outputs_close(got, want, inputs, f"regenerated graph, bank {name}")
+        assert_graph_outputs_close({k: regenerated[f"{name}.{k}"] for k in OUTPUT_NAMES}, want, inputs,
+                                   f"regenerated reference, bank {name}")
 
 
 def test_regenerated_label_and_text_references_reproduce_the_committed_ones(fresh):
