@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.errors import RuntimeSetupError
+from diki_edge_runtime.reading import TEXT_TABLE_MAX_BYTES, read_limited_text
 from diki_edge_runtime.text import TextEncoder
 
 DEFAULT_LABEL_CACHE_BYTES = 256 * 2**20
@@ -57,7 +59,7 @@ def label_prompts(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE
         return tuple(template.format(label) for label in labels)
     except (IndexError, KeyError, ValueError) as exc:
         raise ValueError(f"cannot use template {template!r}: {exc} (write literal braces as '{{{{' and "
-                         "'}}}}')") from None
+                         "'}}')") from None
 
 
 def parse_labels(text: str) -> list[str]:
@@ -71,12 +73,10 @@ def parse_labels(text: str) -> list[str]:
 def read_labels_file(path: str | os.PathLike) -> list[str]:
     """One label per line (``--labels-file``); blank lines are skipped. Raises ``ValueError`` naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the labels file ({exc})") from None
+    try:  # a regular file of at most TEXT_TABLE_MAX_BYTES: a FIFO or /dev/zero is refused, not waited on or read
+        text = read_limited_text(path, "labels file", TEXT_TABLE_MAX_BYTES, encoding="utf-8-sig")
+    except RuntimeSetupError as exc:
+        raise ValueError(str(exc)) from None
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise ValueError(f"{path}: the labels file holds no labels (one per line)")
