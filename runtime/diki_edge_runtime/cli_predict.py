@@ -67,6 +67,8 @@ import typer
 from diki_edge_runtime.images import IMAGE_SUFFIXES
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # usage and setup errors raise (cli.main exits 2)
+LABEL_PROGRESS_MIN = 1024  # prompts: smaller label-table builds take a few seconds at most and are not reported
+LABEL_PROGRESS_STEP = 0.1  # off a terminal, a line per 10 % of a build
 _GLOB_CHARS = set("*?[")
 
 
@@ -278,12 +280,15 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
             TimeRemainingColumn,
         )
 
-        progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                             console=err, transient=True, redirect_stdout=False, redirect_stderr=False)
         # (rich redirects sys.stdout into its live display by default: on a terminal the --json lines would go
         # to the terminal instead of stdout)
         progress.start()
-        bar = progress.add_task("predict", total=len(paths))
+        bar = progress.add_task("predicting", total=len(paths))
+    if label_list is not None and not quiet:
+        predictor.text_progress = LabelProgress(err, progress if err.is_terminal else None,
+                                                bar if progress else None)
     try:
         for index, entry in enumerate(entries):  # results in argument order, unmatched arguments in place
             if isinstance(entry, Unmatched):
@@ -315,6 +320,49 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     if n_failed and not quiet:
         err.print(f"{n_failed} of {len(entries)} inputs failed", markup=False)
     return EXIT_FAILED_INPUTS if n_failed else EXIT_OK
+
+
+class LabelProgress:
+    """Progress of the label tables' builds (``Predictor.text_progress``): a second bar beside the images' on a
+    terminal, else a line every :data:`LABEL_PROGRESS_STEP` of a build on stderr. Builds of fewer than
+    :data:`LABEL_PROGRESS_MIN` prompts (seconds at most) are not reported. A build stalls the image bar, so its rate
+    (and ETA) restart once the build is done instead of counting the build as image time."""
+
+    def __init__(self, err, progress=None, image_bar=None):
+        self.err, self.progress, self.image_bar = err, progress, image_bar
+        self.bar = None
+        self.started = 0.0
+        self.next_line = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        if total < LABEL_PROGRESS_MIN:
+            return
+        first = self.started == 0.0
+        if first:
+            self.started, self.next_line = time.monotonic(), LABEL_PROGRESS_STEP
+            if self.progress is not None:
+                self.bar = self.progress.add_task("encoding labels", total=total)
+            else:
+                self.err.print(f"encoding {total:,} label prompts ...", markup=False)
+        if self.bar is not None:
+            self.progress.update(self.bar, completed=done)
+        elif done < total and done / total >= self.next_line:
+            self.err.print(f"  {done:,} / {total:,} label prompts ({done / total:.0%})", markup=False)
+            self.next_line = (int(done / total / LABEL_PROGRESS_STEP) + 1) * LABEL_PROGRESS_STEP
+        if done >= total:
+            self._finished(total, time.monotonic() - self.started)
+
+    def _finished(self, total: int, seconds: float) -> None:
+        if self.bar is not None:
+            self.progress.remove_task(self.bar)
+            if self.image_bar is not None:  # restart the image rate: the build was not image time
+                done = next(t.completed for t in self.progress.tasks if t.id == self.image_bar)
+                self.progress.reset(self.image_bar, completed=done)
+        else:
+            self.err.print(f"encoded {total:,} label prompts in {seconds:.1f} s", markup=False)
+        self.bar, self.started = None, 0.0
 
 
 def check_predict_options(inputs: list[str], *, top_k: int, batch_size: int, threads: Optional[int],

@@ -104,8 +104,11 @@ class LabelTables:
     """Lazily built, LRU-bounded text tables of label sets under one bank's text adapters."""
 
     def __init__(self, encoder: Callable[[], TextEncoder], text_k: np.ndarray, text_v: np.ndarray,
-                 levels: Sequence[float], logit_scale: float, max_bytes: int = DEFAULT_LABEL_CACHE_BYTES):
-        """``encoder`` returns the model folder's :class:`TextEncoder` (opened on first use)."""
+                 levels: Sequence[float], logit_scale: float, max_bytes: int = DEFAULT_LABEL_CACHE_BYTES,
+                 on_progress: Callable[[int, int], None] | None = None):
+        """``encoder`` returns the model folder's :class:`TextEncoder` (opened on first use); ``on_progress(done,
+        total)`` follows each table build (prompts encoded so far, prompts this build encodes)."""
+        self.on_progress = on_progress
         if max_bytes < 0:
             raise ValueError(f"the label cache bound must be >= 0 bytes, got {max_bytes}")
         self.encoder = encoder
@@ -166,7 +169,8 @@ class LabelTables:
         tokens = np.concatenate([entry.tokens] * len(missing))
         task = np.repeat([max(t, 0) for t, _ in missing], c)
         weight = np.repeat([self.levels[lv] for _, lv in missing], c)
-        emb = self.encoder().encode_tokens(tokens, self.text_k, self.text_v, task, weight)
+        emb = self.encoder().encode_tokens(tokens, self.text_k, self.text_v, task, weight,
+                                           on_progress=self.on_progress)
         for j, key in enumerate(missing):
             entry.levels[key] = emb[j * c:(j + 1) * c]
 

@@ -292,12 +292,21 @@ class Predictor:
             labels = None
             if self.has_text and "text_k" in loaded.arrays:  # a new bank: label tables of the old one are dropped
                 labels = LabelTables(self.text_encoder, loaded.arrays["text_k"], loaded.arrays["text_v"],
-                                     self.layout.calibration_levels, self.layout.logit_scale, self.label_cache_bytes)
+                                     self.layout.calibration_levels, self.layout.logit_scale, self.label_cache_bytes,
+                                     on_progress=self._report_text_progress)
             self._state = _BankState(loaded, handle, tuple(loaded.class_names),
                                      np.asarray(loaded.arrays["class_task"], np.int64), source, labels)
         return loaded
 
     # ----------------------------------------------------------------- text
+    # ``text_progress(done, total)``: called while label tables are built (prompts encoded of this build's total);
+    # set it to report a long build (the CLI does), None for silence
+    text_progress: Callable[[int, int], None] | None = None
+
+    def _report_text_progress(self, done: int, total: int) -> None:
+        if self.text_progress is not None:
+            self.text_progress(done, total)
+
     @property
     def has_text(self) -> bool:
         """Whether the model folder has the text graph (labels, :meth:`encode_text`)."""

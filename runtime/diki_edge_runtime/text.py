@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -60,8 +60,10 @@ class TextEncoder:
         return self.tokenizer(list(texts))
 
     def encode_tokens(self, tokens: np.ndarray, text_k: np.ndarray, text_v: np.ndarray, task: np.ndarray,
-                      weight: np.ndarray, batch_size: int = TEXT_BATCH) -> np.ndarray:
-        """``[N, D]`` float32 embeddings of token rows, prompt ``i`` under task ``task[i]`` at ``M = weight[i]``."""
+                      weight: np.ndarray, batch_size: int = TEXT_BATCH,
+                      on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """``[N, D]`` float32 embeddings of token rows, prompt ``i`` under task ``task[i]`` at ``M = weight[i]``.
+        ``on_progress(done, N)`` is called after every run of the text graph."""
         n = len(tokens)
         task = np.ascontiguousarray(np.broadcast_to(np.asarray(task, np.int64), (n,)))
         weight = np.ascontiguousarray(np.broadcast_to(np.asarray(weight, np.float32), (n,)))
@@ -74,6 +76,8 @@ class TextEncoder:
             feeds = dict(zip(TEXT_INPUT_NAMES, (np.ascontiguousarray(tokens[i:i + batch_size], np.int64), text_k,
                                                 text_v, task[i:i + batch_size], weight[i:i + batch_size])))
             outs.append(self.session.run_feeds(feeds)[TEXT_OUTPUT_NAMES[0]])
+            if on_progress:
+                on_progress(min(i + batch_size, n), n)
         with self._count:
             self.prompts_encoded += n
         return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, 0), np.float32)

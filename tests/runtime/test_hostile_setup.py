@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,37 @@ def test_onnx_runtime_start_up_warnings_follow_quiet(tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == "" and strict_json(quiet.stdout)["ok"]
     verbose = subprocess.run(base + ["-v"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert verbose.returncode == 0 and "[W:onnxruntime" in verbose.stderr  # still there when asked for
+
+
+# ---------------------------------------------------------------------------- long label-table builds
+def _labels_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("".join(f"label number {i}\n" for i in range(n)))
+    return path
+
+
+def test_a_long_label_table_build_reports_progress_off_a_terminal(tmp_path):
+    labels = _labels_file(tmp_path, 600)  # at least two levels of 600 prompts: a build above LABEL_PROGRESS_MIN
+    done = cli_in_process("predict", PHOTO, "--model", MODEL, "--labels-file", labels, "--json", "-k", "1")
+    assert done.exit_code == 0 and strict_json(done.stdout)["ok"]
+    assert "encoding 1,200 label prompts" in done.stderr or "encoding 1,800 label prompts" in done.stderr
+    assert re.search(r"\n  [\d,]+ / [\d,]+ label prompts \(\d+%\)\n", done.stderr) and "label prompts in" in done.stderr
+    quiet = cli_in_process("predict", PHOTO, "--model", MODEL, "--labels-file", labels, "--json", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    few = cli_in_process("predict", PHOTO, "--model", MODEL, "--labels", "cat,dog", "--json")
+    assert few.exit_code == 0 and "label prompts" not in few.stderr  # seconds at most: not reported
+
+
+def test_a_long_label_table_build_on_a_terminal_keeps_json_on_stdout(tmp_path):
+    labels = _labels_file(tmp_path, 600)
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "diki_edge_runtime", "predict", str(PHOTO),
+                               str(IMAGES / "rocket_0.png"), "--model", str(MODEL), "--json", "-b", "1",
+                               "--labels-file", str(labels)], cwd=REPO, stdout=subprocess.PIPE, stderr=follower,
+                              timeout=120, env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    finally:
+        os.close(follower)
+        os.close(leader)
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0 and [strict_json(line)["ok"] for line in lines] == [True, True]
