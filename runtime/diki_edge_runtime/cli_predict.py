@@ -41,7 +41,9 @@ Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are 
 2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider not in the installed
 ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed,
 ``--threads`` above the machine's cores x 4, bad labels or template, labels or embeddings asked of a folder
-without them).
+without them, a metadata or option file that is not a regular file, is oversized or lies outside the model
+folder). Usage and setup errors are raised (:class:`UsageError`, :class:`RuntimeSetupError`) and printed by
+``cli.main``, the one place that prints errors.
 
 Providers: ``--provider`` takes a name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``rocm``,
 ``migraphx``, ``dml``, or an ONNX Runtime id) or a fall-back chain written out (``tensorrt,cuda,cpu``); options

@@ -68,8 +68,8 @@ from diki_edge_runtime.labels import DEFAULT_LABEL_CACHE_BYTES, LabelTables, lab
 from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_map
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.providers import short_name
-from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
 from diki_edge_runtime.reading import file_identity
+from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
 from diki_edge_runtime.text import TextEncoder, text_files
 
 REEXPORT = ("was exported before diki-edge had a text encoder (no text section in its manifest); re-export it "
