@@ -91,13 +91,13 @@ def _import_filtering_stderr(log_severity: int):
     level below ``log_severity`` (native code writes to the descriptor, so ``sys.stderr`` cannot catch them)."""
     try:
         capture = tempfile.TemporaryFile()
-    except OSError:  # nowhere to capture (a read-only TMPDIR): import as is
+        saved = os.dup(2)
+    except OSError:  # nowhere to capture (a read-only TMPDIR) or no descriptor 2: import as is
         import onnxruntime
 
         return onnxruntime
     with capture:
         sys.stderr.flush()
-        saved = os.dup(2)
         try:
             os.dup2(capture.fileno(), 2)
             import onnxruntime
