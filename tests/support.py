@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +83,25 @@ def assert_graph_outputs_close(got: dict, want: dict, inputs: dict, what: str) -
     same = got["task"] == want["task"]
     np.testing.assert_array_equal(got["logits"][same].argmax(1), want["logits"][same].argmax(1), err_msg=what)
     np.testing.assert_array_equal(np.isinf(got["logits"][same]), np.isinf(want["logits"][same]), err_msg=what)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(*args: str) -> CliResult:
+    """``diki-edge ARGS`` through ``diki_edge_runtime.cli.main`` (the one place that prints errors), in this process:
+    the exit status and what it wrote to stdout and stderr."""
+    from diki_edge_runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -167,11 +167,19 @@ class BankLayout:
         for key in ("image_layers", "text_layers", "residual_length", "image_width", "text_width", "embed_dim"):
             if getattr(self, key) != getattr(other, key):
                 return f"{key} differs ({getattr(other, key)} vs expected {getattr(self, key)})"
-        if not np.allclose(self.calibration_levels, other.calibration_levels):
-            return "calibration levels of the class text table differ"
+        mine, theirs = list(self.calibration_levels), list(other.calibration_levels)
+        if len(mine) != len(theirs) or not np.allclose(mine, theirs):  # (allclose cannot compare other lengths)
+            return (f"calibration levels of the class text table differ (the bank has {len(theirs)} levels "
+                    f"{_levels_text(theirs)}, expected {len(mine)} levels {_levels_text(mine)}: --levels of "
+                    "`diki-edge train`)")
         if not np.isclose(self.logit_scale, other.logit_scale):
             return f"logit scale differs ({other.logit_scale} vs expected {self.logit_scale})"
         return None
+
+
+def _levels_text(levels: list[float]) -> str:
+    shown = ", ".join(f"{v:.4g}" for v in levels[:6])
+    return f"[{shown}{', ...' if len(levels) > 6 else ''}]"
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Editing commands check that their output can be written (folder, permissions, free space for about the size
 of their inputs) before loading anything, and write atomically (:mod:`diki_edge_runtime.files`). Names from a
-bank are printed as text, never as rich markup.
+bank are printed as text, never as rich markup. Errors are raised as :class:`DikiEdgeError` (a
+:class:`UsageError` for a bad argument); ``cli.main`` prints them and exits with their status.
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from diki_edge_runtime.errors import DikiEdgeError
+from diki_edge_runtime.errors import BankError, DikiEdgeError, UsageError
 
 bank_app = typer.Typer(no_args_is_help=True,
                        help="Inspect and edit task banks (show, merge, remove, rename, add-task).")
 
 out = Console()
 err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _check_output(output: Path, inputs: List[Path]) -> None:
@@ -40,19 +36,13 @@ def _check_output(output: Path, inputs: List[Path]) -> None:
             size += p.stat().st_size
         except OSError:
             pass  # a missing input is reported by loading it, with its own message
-    try:
-        check_writable(output, size, what="bank")
-    except DikiEdgeError as exc:
-        fail(str(exc))
+    check_writable(output, size, what="bank")
 
 
 def _load_bank(path: Path):
     from diki_edge_runtime.bank import TaskBank
 
-    try:
-        return TaskBank.load(path)
-    except DikiEdgeError as exc:
-        fail(str(exc))
+    return TaskBank.load(path)
 
 
 @bank_app.command("show")
@@ -86,19 +76,16 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
                force: bool = typer.Option(False, help="Overwrite OUTPUT if it exists.")) -> None:
     """Merge banks trained separately on the same backbone into one (no retraining)."""
     if output.exists() and not force:
-        fail(f"{output} exists (use --force to overwrite)")
+        raise BankError(f"{output} exists (use --force to overwrite)")
     _check_output(output, inputs)
     banks = [_load_bank(p) for p in inputs]
     merged = banks[0]
-    try:
-        for p, b in zip(inputs[1:], banks[1:]):
-            try:
-                merged = merged.merged(b)
-            except DikiEdgeError as exc:
-                fail(f"{p}: {exc}")
-        merged.save(output)
-    except DikiEdgeError as exc:
-        fail(str(exc))
+    for p, b in zip(inputs[1:], banks[1:]):
+        try:
+            merged = merged.merged(b)
+        except DikiEdgeError as exc:
+            raise BankError(f"{p}: {exc}") from None
+    merged.save(output)
     err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False, markup=False)
 
 
@@ -111,7 +98,7 @@ def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...
     try:
         b.without(task).save(output or path)
     except DikiEdgeError as exc:
-        fail(f"{path}: {exc}")
+        raise BankError(f"{path}: {exc}") from None
     err.print(f"removed task {task!r} -> {output or path}", highlight=False, markup=False)
 
 
@@ -124,10 +111,8 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
     try:
         b.renamed(old, new).save(output or path)
     except DikiEdgeError as exc:
-        fail(f"{path}: {exc}")
+        raise BankError(f"{path}: {exc}") from None
     err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False, markup=False)
-
-
 
 
 @bank_app.command("add-task")
@@ -161,8 +146,12 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
             raise ValueError("no example images found: " + "; ".join(e.message for e in entries))
         report = add_label_task(path, name, label_list, paths, model_dir=model, template=template, out=output,
                                 threads=threads)
-    except (ValueError, DikiEdgeError) as exc:
-        fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+    except ValueError as exc:  # bad labels or no images: the arguments' fault
+        raise UsageError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    except DikiEdgeError as exc:  # the same error (and exit status), naming the bank if it did not
+        if str(path) not in str(exc):
+            exc.args = (f"{path}: {exc}",)
+        raise
     for problem in report.skipped:
         err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     err.print(f"added label-only task {name!r} ({report.labels} labels, Gaussian of {report.examples} example "

@@ -41,7 +41,9 @@ Exit codes: 0 all inputs predicted; 1 at least one input failed (the others are 
 2 usage or setup error (no inputs, model folder or bank missing or incompatible, provider not in the installed
 ONNX Runtime or dropped by it at session start, malformed provider options, ONNX Runtime not installed,
 ``--threads`` above the machine's cores x 4, bad labels or template, labels or embeddings asked of a folder
-without them).
+without them, a metadata or option file that is not a regular file, is oversized or lies outside the model
+folder). Usage and setup errors are raised (:class:`UsageError`, :class:`RuntimeSetupError`) and printed by
+``cli.main``, the one place that prints errors.
 
 Providers: ``--provider`` takes a name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``rocm``,
 ``migraphx``, ``dml``, or an ONNX Runtime id) or a fall-back chain written out (``tensorrt,cuda,cpu``); options
@@ -66,7 +68,9 @@ import typer
 
 from diki_edge_runtime.images import IMAGE_SUFFIXES
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # usage and setup errors raise (cli.main exits 2)
+LABEL_PROGRESS_MIN = 1024  # prompts: smaller label-table builds take a few seconds at most and are not reported
+LABEL_PROGRESS_STEP = 0.1  # off a terminal, a line per 10 % of a build
 _GLOB_CHARS = set("*?[")
 
 
@@ -193,32 +197,18 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     from PIL import Image
     from rich.console import Console
 
-    from diki_edge_runtime.errors import DikiEdgeError
+    from diki_edge_runtime.errors import DikiEdgeError, RuntimeSetupError, UsageError
     from diki_edge_runtime.labels import label_prompts, parse_labels, read_labels_file
     from diki_edge_runtime.predictor import Prediction, Predictor
     from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
-    from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, max_threads
+    from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY
 
     # the pixel limit is enforced per image (a clear per-image error); Pillow's own warning would only be noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error is one line, whatever the width
     out = Console(highlight=False)
-    if not inputs:
-        err.print("[red]error:[/red] no inputs given")
-        return EXIT_USAGE
-    if top_k < 1 or batch_size < 1 or (threads is not None and threads < 1):
-        err.print("[red]error:[/red] --top-k, --batch-size and --threads must be >= 1")
-        return EXIT_USAGE
-    if workers is not None and workers < 0:
-        err.print("[red]error:[/red] --workers must be >= 0")
-        return EXIT_USAGE
-    if threads is not None and threads > max_threads():
-        err.print(f"error: --threads {threads} is more than this machine's {os.cpu_count() or 1} cores x 4 = "
-                  f"{max_threads()}", markup=False)
-        return EXIT_USAGE
-    if quiet and verbose:
-        err.print("[red]error:[/red] --quiet and --verbose contradict each other")
-        return EXIT_USAGE
+    check_predict_options(inputs, top_k=top_k, batch_size=batch_size, threads=threads, workers=workers,
+                          quiet=quiet, verbose=verbose)
     log_severity = 4 if quiet else 1 if verbose else DEFAULT_LOG_SEVERITY
     label_list = None
     try:
@@ -235,8 +225,7 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         if embeddings and not json_:
             raise ValueError("--embeddings adds the embeddings to the --json lines; pass --json too")
     except ValueError as exc:
-        err.print(f"error: {exc}", markup=False)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     entries = expand_inputs(inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
     progress = None  # a rich progress bar, started below when there is more than one batch
@@ -257,9 +246,10 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
         predicted = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, labels=label_list,
                                            template=template, on_progress=advance)
         # (iter_predict checks the labels and the text graph here, before any image is read)
-    except DikiEdgeError as exc:
-        err.print(f"error: {exc}", markup=False)
-        return EXIT_USAGE
+    except (UsageError, RuntimeSetupError):
+        raise
+    except DikiEdgeError as exc:  # a bank that is missing or does not fit is a setup error here too (exit 2)
+        raise RuntimeSetupError(str(exc)) from None
     if not quiet:
         info = predictor.info()
         err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
@@ -292,10 +282,15 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
             TimeRemainingColumn,
         )
 
-        progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=err, transient=True)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=err, transient=True, redirect_stdout=False, redirect_stderr=False)
+        # (rich redirects sys.stdout into its live display by default: on a terminal the --json lines would go
+        # to the terminal instead of stdout)
         progress.start()
-        bar = progress.add_task("predict", total=len(paths))
+        bar = progress.add_task("predicting", total=len(paths))
+    if label_list is not None and not quiet:
+        predictor.text_progress = LabelProgress(err, progress if err.is_terminal else None,
+                                                bar if progress else None)
     try:
         for index, entry in enumerate(entries):  # results in argument order, unmatched arguments in place
             if isinstance(entry, Unmatched):
@@ -327,6 +322,68 @@ def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, 
     if n_failed and not quiet:
         err.print(f"{n_failed} of {len(entries)} inputs failed", markup=False)
     return EXIT_FAILED_INPUTS if n_failed else EXIT_OK
+
+
+class LabelProgress:
+    """Progress of the label tables' builds (``Predictor.text_progress``): a second bar beside the images' on a
+    terminal, else a line every :data:`LABEL_PROGRESS_STEP` of a build on stderr. Builds of fewer than
+    :data:`LABEL_PROGRESS_MIN` prompts (seconds at most) are not reported. A build stalls the image bar, so its rate
+    (and ETA) restart once the build is done instead of counting the build as image time."""
+
+    def __init__(self, err, progress=None, image_bar=None):
+        self.err, self.progress, self.image_bar = err, progress, image_bar
+        self.bar = None
+        self.started = 0.0
+        self.next_line = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        if total < LABEL_PROGRESS_MIN:
+            return
+        first = self.started == 0.0
+        if first:
+            self.started, self.next_line = time.monotonic(), LABEL_PROGRESS_STEP
+            if self.progress is not None:
+                self.bar = self.progress.add_task("encoding labels", total=total)
+            else:
+                self.err.print(f"encoding {total:,} label prompts ...", markup=False)
+        if self.bar is not None:
+            self.progress.update(self.bar, completed=done)
+        elif done < total and done / total >= self.next_line:
+            self.err.print(f"  {done:,} / {total:,} label prompts ({done / total:.0%})", markup=False)
+            self.next_line = (int(done / total / LABEL_PROGRESS_STEP) + 1) * LABEL_PROGRESS_STEP
+        if done >= total:
+            self._finished(total, time.monotonic() - self.started)
+
+    def _finished(self, total: int, seconds: float) -> None:
+        if self.bar is not None:
+            self.progress.remove_task(self.bar)
+            if self.image_bar is not None:  # restart the image rate: the build was not image time
+                done = next(t.completed for t in self.progress.tasks if t.id == self.image_bar)
+                self.progress.reset(self.image_bar, completed=done)
+        else:
+            self.err.print(f"encoded {total:,} label prompts in {seconds:.1f} s", markup=False)
+        self.bar, self.started = None, 0.0
+
+
+def check_predict_options(inputs: list[str], *, top_k: int, batch_size: int, threads: Optional[int],
+                          workers: Optional[int], quiet: bool, verbose: bool) -> None:
+    """The option checks that need no file: a :class:`UsageError` (exit 2) naming the bad option."""
+    from diki_edge_runtime.errors import UsageError
+    from diki_edge_runtime.session import max_threads
+
+    if not inputs:
+        raise UsageError("no inputs given")
+    if top_k < 1 or batch_size < 1 or (threads is not None and threads < 1):
+        raise UsageError("--top-k, --batch-size and --threads must be >= 1")
+    if workers is not None and workers < 0:
+        raise UsageError("--workers must be >= 0")
+    if threads is not None and threads > max_threads():
+        raise UsageError(f"--threads {threads} is more than this machine's {os.cpu_count() or 1} cores x 4 = "
+                         f"{max_threads()}")
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose contradict each other")
 
 
 def _escape(text: str | None) -> str:

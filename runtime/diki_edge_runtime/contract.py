@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from diki_edge_runtime.errors import RuntimeSetupError
+from diki_edge_runtime.reading import METADATA_MAX_BYTES, name_problem, read_limited_text
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -184,21 +185,30 @@ class TextSection:
         for role in ("model", "tokenizer"):
             if not isinstance(data["files"].get(role), str):
                 raise RuntimeSetupError(f"{source}: manifest field text.files.{role} is missing")
+        check_file_names(data["files"], "text.files", source)
         check_tensors(data["inputs"], TEXT_GRAPH_INPUTS, "text.inputs", source)
         check_tensors(data["outputs"], TEXT_GRAPH_OUTPUTS, "text.outputs", source)
         return cls(data["inputs"], data["outputs"], data["files"], data["tokenizer"], data["validation"])
 
 
 def read_json_file(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any:
-    """Parse a JSON file (the manifest, ``preprocess.json``, a provider-options file): a missing or unreadable file is
-    a :class:`RuntimeSetupError` naming ``path`` and ``what`` it should have been. Callers check the value's type."""
+    """Parse a JSON file (the manifest, ``preprocess.json``, a provider-options file): a missing, unreadable,
+    oversized or non-regular file (:mod:`diki_edge_runtime.reading`) is a :class:`RuntimeSetupError` naming ``path``
+    and ``what`` it should have been. Callers check the value's type."""
     path = Path(path)
+    text = read_limited_text(path, what, METADATA_MAX_BYTES, missing_hint)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RuntimeSetupError(f"{path}: {what} not found{missing_hint}") from None
-    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        return json.loads(text)
+    except ValueError as exc:
         raise RuntimeSetupError(f"{path}: cannot read the {what}: {exc}") from None
+
+
+def check_file_names(files: dict[str, Any], field: str, source: str) -> None:
+    """Every file name of a manifest ``files`` object stays inside the model folder (no absolute path, no '..')."""
+    for role, name in files.items():
+        problem = name_problem(name)
+        if problem:
+            raise RuntimeSetupError(f"{source}: manifest field {field}.{role}: file name {problem}")
 
 
 @dataclass
@@ -267,6 +277,7 @@ class Manifest:
             kwargs["text"] = TextSection.from_json(kwargs["text"], source)
         manifest = cls(**kwargs)
         manifest._check_tensors(source)
+        check_file_names(manifest.files, "files", source)
         if manifest.precision not in PRECISIONS:
             raise RuntimeSetupError(f"{source}: manifest field 'precision' is {manifest.precision!r}, expected one "
                                     f"of {', '.join(PRECISIONS)}")

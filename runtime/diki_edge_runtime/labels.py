@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.errors import RuntimeSetupError
+from diki_edge_runtime.reading import TEXT_TABLE_MAX_BYTES, read_limited_text
 from diki_edge_runtime.text import TextEncoder
 
 DEFAULT_LABEL_CACHE_BYTES = 256 * 2**20
@@ -57,7 +59,7 @@ def label_prompts(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE
         return tuple(template.format(label) for label in labels)
     except (IndexError, KeyError, ValueError) as exc:
         raise ValueError(f"cannot use template {template!r}: {exc} (write literal braces as '{{{{' and "
-                         "'}}}}')") from None
+                         "'}}')") from None
 
 
 def parse_labels(text: str) -> list[str]:
@@ -71,12 +73,10 @@ def parse_labels(text: str) -> list[str]:
 def read_labels_file(path: str | os.PathLike) -> list[str]:
     """One label per line (``--labels-file``); blank lines are skipped. Raises ``ValueError`` naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the labels file ({exc})") from None
+    try:  # a regular file of at most TEXT_TABLE_MAX_BYTES: a FIFO or /dev/zero is refused, not waited on or read
+        text = read_limited_text(path, "labels file", TEXT_TABLE_MAX_BYTES, encoding="utf-8-sig")
+    except RuntimeSetupError as exc:
+        raise ValueError(str(exc)) from None
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise ValueError(f"{path}: the labels file holds no labels (one per line)")
@@ -104,8 +104,11 @@ class LabelTables:
     """Lazily built, LRU-bounded text tables of label sets under one bank's text adapters."""
 
     def __init__(self, encoder: Callable[[], TextEncoder], text_k: np.ndarray, text_v: np.ndarray,
-                 levels: Sequence[float], logit_scale: float, max_bytes: int = DEFAULT_LABEL_CACHE_BYTES):
-        """``encoder`` returns the model folder's :class:`TextEncoder` (opened on first use)."""
+                 levels: Sequence[float], logit_scale: float, max_bytes: int = DEFAULT_LABEL_CACHE_BYTES,
+                 on_progress: Callable[[int, int], None] | None = None):
+        """``encoder`` returns the model folder's :class:`TextEncoder` (opened on first use); ``on_progress(done,
+        total)`` follows each table build (prompts encoded so far, prompts this build encodes)."""
+        self.on_progress = on_progress
         if max_bytes < 0:
             raise ValueError(f"the label cache bound must be >= 0 bytes, got {max_bytes}")
         self.encoder = encoder
@@ -166,7 +169,8 @@ class LabelTables:
         tokens = np.concatenate([entry.tokens] * len(missing))
         task = np.repeat([max(t, 0) for t, _ in missing], c)
         weight = np.repeat([self.levels[lv] for _, lv in missing], c)
-        emb = self.encoder().encode_tokens(tokens, self.text_k, self.text_v, task, weight)
+        emb = self.encoder().encode_tokens(tokens, self.text_k, self.text_v, task, weight,
+                                           on_progress=self.on_progress)
         for j, key in enumerate(missing):
             entry.levels[key] = emb[j * c:(j + 1) * c]
 

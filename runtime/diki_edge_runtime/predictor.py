@@ -34,6 +34,7 @@ besides the batch being answered.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from contextlib import closing
@@ -67,8 +68,9 @@ from diki_edge_runtime.labels import DEFAULT_LABEL_CACHE_BYTES, LabelTables, lab
 from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_map
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.providers import short_name
+from diki_edge_runtime.reading import file_identity
 from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
-from diki_edge_runtime.text import TextEncoder
+from diki_edge_runtime.text import TextEncoder, text_files
 
 REEXPORT = ("was exported before diki-edge had a text encoder (no text section in its manifest); re-export it "
             "with `diki-edge export` to use labels, encode_text or embeddings")
@@ -217,6 +219,9 @@ class Predictor:
         self._text_args = dict(provider=provider, threads=threads, device_id=device_id,
                                provider_options=provider_options, low_memory=low_memory, log_severity=log_severity)
         self._text: TextEncoder | None = None  # opened on first use: image-only callers never pay for it
+        # what the text files are now, beside the image graph just opened: a text graph opened later must be the
+        # same files (a folder re-exported meanwhile would pair the new text graph with the old image graph)
+        self._text_identity = self._text_files_identity()
         self.label_cache_bytes = int(label_cache_bytes)
         self._state: _BankState | None = None
         self.load_bank(bank if bank is not None else self.model_dir / BANK_FILE)
@@ -264,12 +269,14 @@ class Predictor:
         Raises :class:`~diki_edge_runtime.errors.BankError` naming why the bank does not fit.
         """
         if isinstance(bank, TaskBank):
-            loaded, source = bank, "<TaskBank>"
             problem = self.layout.compatibility_problem(bank.layout) or bank.finite_problem()
             if problem:
                 raise BankError(f"bank does not fit this model: {problem}")
+            loaded, source = snapshot(bank), "<TaskBank>"  # the caller's later edits must not reach predictions
         else:
             loaded = TaskBank.load(bank, expect=self.layout, graph_only=True, with_text=self.has_text)
+            for arr in loaded.arrays.values():  # nobody else holds these: freezing them makes the snapshot immutable
+                arr.setflags(write=False)
             source = os.fspath(bank)
         if loaded.num_tasks < 1:
             raise BankError(f"{source}: the bank has no tasks; the graph needs at least one")
@@ -285,12 +292,21 @@ class Predictor:
             labels = None
             if self.has_text and "text_k" in loaded.arrays:  # a new bank: label tables of the old one are dropped
                 labels = LabelTables(self.text_encoder, loaded.arrays["text_k"], loaded.arrays["text_v"],
-                                     self.layout.calibration_levels, self.layout.logit_scale, self.label_cache_bytes)
+                                     self.layout.calibration_levels, self.layout.logit_scale, self.label_cache_bytes,
+                                     on_progress=self._report_text_progress)
             self._state = _BankState(loaded, handle, tuple(loaded.class_names),
                                      np.asarray(loaded.arrays["class_task"], np.int64), source, labels)
         return loaded
 
     # ----------------------------------------------------------------- text
+    # ``text_progress(done, total)``: called while label tables are built (prompts encoded of this build's total);
+    # set it to report a long build (the CLI does), None for silence
+    text_progress: Callable[[int, int], None] | None = None
+
+    def _report_text_progress(self, done: int, total: int) -> None:
+        if self.text_progress is not None:
+            self.text_progress(done, total)
+
     @property
     def has_text(self) -> bool:
         """Whether the model folder has the text graph (labels, :meth:`encode_text`)."""
@@ -307,14 +323,26 @@ class Predictor:
         return self._state.labels if self._state else None
 
     def text_encoder(self) -> TextEncoder:
-        """The folder's :class:`TextEncoder`, opened on first use; a clear error for folders without one."""
+        """The folder's :class:`TextEncoder`, opened on first use; a clear error for folders without one, and for
+        text files that changed since this predictor opened the image graph (see :meth:`_text_files_identity`)."""
         if self._text is None:
             if not self.has_text:
                 raise RuntimeSetupError(f"{self.model_dir}: the model folder {REEXPORT}")
             with self._lock:
                 if self._text is None:
+                    if self._text_files_identity() != self._text_identity:
+                        raise RuntimeSetupError(
+                            f"{self.model_dir}: the text graph or tokenizer changed since this predictor opened the "
+                            "model folder (re-exported?); it would not match the image graph in use: open the "
+                            "folder again (a new Predictor, or restart the command)")
                     self._text = TextEncoder(self.model_dir, self.manifest.text, **self._text_args)
         return self._text
+
+    def _text_files_identity(self) -> tuple | None:
+        """File identities (reading.file_identity) of the text graph and tokenizer, or None without a text graph."""
+        if not self.has_text:
+            return None
+        return tuple(file_identity(p) for p in text_files(self.model_dir, self.manifest.text))
 
     def _state_with_labels(self) -> _BankState:
         state = self._state
@@ -446,7 +474,9 @@ class Predictor:
         if labels is None:
             raise ValueError("a template needs labels")
         prompts = label_prompts(labels, template)
-        return _Call(self._state_with_labels(), top_k, list(labels), prompts)
+        state = self._state_with_labels()
+        self.text_encoder()  # opened (and checked) now, before any image is read
+        return _Call(state, top_k, list(labels), prompts)
 
     def _iter_chunks(self, inputs: Iterable[ImageInput], call: _Call, batch_size: int,
                      on_progress: Callable[[int], None] | None) -> Iterator[Prediction]:
@@ -536,6 +566,16 @@ class Predictor:
             res.image_embeds = np.asarray(embeds, np.float32).copy()
             if "frozen_embeds" in out:
                 res.frozen_embeds = np.asarray(out["frozen_embeds"][row], np.float32).copy()
+
+
+def snapshot(bank: TaskBank) -> TaskBank:
+    """An immutable copy of ``bank`` for the predictor: its own read-only arrays and task metadata, so editing the
+    caller's ``bank.arrays`` or ``bank.tasks`` in place later changes nothing the predictor uses."""
+    arrays = {}
+    for name, arr in bank.arrays.items():
+        arrays[name] = np.array(arr, copy=True)
+        arrays[name].setflags(write=False)
+    return TaskBank(copy.deepcopy(bank.layout), copy.deepcopy(bank.tasks), arrays, graph_only=bank.graph_only)
 
 
 def _output_problem(task: int, num_tasks: int, logits: np.ndarray, weight: float, scores: np.ndarray,

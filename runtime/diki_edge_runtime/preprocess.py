@@ -29,6 +29,8 @@ the rest is never materialised. Only images more than ~80 times longer than wide
 
 ``preprocess.json``: ``{"size": [H, W] | int, "mode": "RGB", "mean": [3 floats], "std": [3 floats],
 "interpolation": "bicubic" | "bilinear", "resize_mode": "shortest" | "longest" | "squash", "fill_color": int}``.
+Everything is checked when the model folder is opened: a size outside 1 .. :data:`MAX_IMAGE_SIDE` or a
+``fill_color`` outside 0 .. 255 is a :class:`~diki_edge_runtime.errors.RuntimeSetupError` there.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from diki_edge_runtime.errors import RuntimeSetupError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Largest image side a preprocessing config may ask for (CLIP backbones take 224-448; checked at open, so an absurd
+# config is a setup error rather than a failure of every image).
+MAX_IMAGE_SIDE = 8192
 # Largest resized image (pixels) materialised before the center crop; larger ones resample the kept part only.
 RESIZE_PIXEL_BUDGET = 4_000_000
 
@@ -87,9 +92,9 @@ class Preprocess:
             if interpolation == "random":  # open_clip: 'random' only matters for training; inference is bicubic
                 interpolation = "bicubic"
             resize_mode = str(cfg.get("resize_mode") or "shortest")
-            fill = int(cfg.get("fill_color", 0) or 0)
+            fill = cfg.get("fill_color", 0) or 0
             mode = str(cfg.get("mode", "RGB") or "RGB")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
             raise RuntimeSetupError(f"{source}: malformed preprocessing config: {exc}") from None
         if interpolation not in _RESAMPLE:
             raise RuntimeSetupError(f"{source}: interpolation {interpolation!r} is not one of {sorted(_RESAMPLE)}")
@@ -97,8 +102,13 @@ class Preprocess:
             raise RuntimeSetupError(f"{source}: resize_mode {resize_mode!r} is not one of {list(_RESIZE_MODES)}")
         if mode != "RGB":
             raise RuntimeSetupError(f"{source}: only mode 'RGB' is supported, got {mode!r}")
-        if min(hw) < 1:
-            raise RuntimeSetupError(f"{source}: size must be positive, got {list(hw)}")
+        if min(hw) < 1 or max(hw) > MAX_IMAGE_SIDE:
+            raise RuntimeSetupError(f"{source}: size must be within 1 .. {MAX_IMAGE_SIDE} pixels, got {list(hw)}")
+        is_number = isinstance(fill, (int, float)) and not isinstance(fill, bool)
+        if not (is_number and 0 <= fill <= 255 and fill == int(fill)):  # range first: int(inf) would raise
+            raise RuntimeSetupError(f"{source}: fill_color must be a pixel value, an integer within 0 .. 255, "
+                                    f"got {fill!r}")
+        fill = int(fill)
         if not all(math.isfinite(v) for v in mean + std):
             raise RuntimeSetupError(f"{source}: mean and std must be finite numbers, got mean {list(mean)}, "
                                     f"std {list(std)}")

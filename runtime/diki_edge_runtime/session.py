@@ -26,6 +26,9 @@ created per call, and a :class:`BankHandle` is immutable.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -62,12 +65,50 @@ def numpy_dtype(name: str) -> np.dtype:
         raise RuntimeSetupError(f"unsupported tensor dtype {name!r} in the model") from None
 
 
-def import_onnxruntime():
-    """``onnxruntime``, or a :class:`RuntimeSetupError` saying how to install it."""
+def import_onnxruntime(log_severity: int = DEFAULT_LOG_SEVERITY):
+    """``onnxruntime``, or a :class:`RuntimeSetupError` saying how to install it.
+
+    The first import prints ONNX Runtime's start-up log lines before any severity can be set (e.g. "Failed to
+    persist telemetry device ID" when ``$XDG_CACHE_HOME`` / ``$HOME`` is read-only): those below ``log_severity``
+    are dropped, every other line written to stderr meanwhile is passed on unchanged."""
     try:
-        import onnxruntime
+        if "onnxruntime" in sys.modules or log_severity <= min(ORT_LOG_LEVELS.values()):
+            import onnxruntime
+        else:
+            onnxruntime = _import_filtering_stderr(log_severity)
     except ImportError as exc:
         raise RuntimeSetupError(f"ONNX Runtime is not installed ({exc}); {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+# The level letter of an ONNX Runtime log line ("[W:onnxruntime:Default, file.cc:613 ...] message").
+ORT_LOG_LEVELS = {b"V": 0, b"I": 1, b"W": 2, b"E": 3, b"F": 4}
+_ORT_LOG_LINE = re.compile(rb"\[([VIWEF]):onnxruntime:")
+
+
+def _import_filtering_stderr(log_severity: int):
+    """``import onnxruntime`` with file descriptor 2 captured, then replayed without ONNX Runtime's log lines of a
+    level below ``log_severity`` (native code writes to the descriptor, so ``sys.stderr`` cannot catch them)."""
+    try:
+        capture = tempfile.TemporaryFile()
+        saved = os.dup(2)
+    except OSError:  # nowhere to capture (a read-only TMPDIR) or no descriptor 2: import as is
+        import onnxruntime
+
+        return onnxruntime
+    with capture:
+        sys.stderr.flush()
+        try:
+            os.dup2(capture.fileno(), 2)
+            import onnxruntime
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().splitlines(keepends=True):
+                level = _ORT_LOG_LINE.search(line)
+                if level is None or ORT_LOG_LEVELS[level.group(1)] >= log_severity:
+                    os.write(2, line)
     return onnxruntime
 
 
@@ -105,7 +146,7 @@ class Session:
         ``io_binding``: bind the bank as ``OrtValue``s (default: on CUDA and TensorRT only; forcing it on the CPU
         runs the exact CUDA code path with host ``OrtValue``s, which is how it is tested without a GPU);
         ``log_severity``: the lowest ONNX Runtime log level printed (see the module docstring)."""
-        ort = import_onnxruntime()
+        ort = import_onnxruntime(int(log_severity))
         self._ort = ort
         if threads is not None and int(threads) < 1:
             raise RuntimeSetupError(f"threads must be >= 1, got {threads}")
@@ -116,7 +157,10 @@ class Session:
             raise RuntimeSetupError(f"log_severity must be 0..4, got {log_severity}")
         path = Path(model_path)
         if not path.is_file():
-            raise RuntimeSetupError(f"{path}: ONNX model file not found")
+            what = ("is a folder, not an ONNX model file" if path.is_dir() else
+                    "is not a regular file (an ONNX model file is)" if os.path.lexists(path) and path.exists() else
+                    "ONNX model file not found")
+            raise RuntimeSetupError(f"{path}: {what}")
         self.device_id = int(device_id)
         plan = plan_providers(provider, ort, provider_options, self.device_id)
         self.low_memory = bool(low_memory)

@@ -30,11 +30,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from diki_edge_runtime.errors import RuntimeSetupError
+from diki_edge_runtime.reading import TEXT_TABLE_MAX_BYTES, read_limited_text
 
 # open_clip's SimpleTokenizer split pattern after its special tokens (open_clip/tokenizer.py, SimpleTokenizer).
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 END_OF_WORD = "</w>"
 TOKENIZER_SOURCE = "tokenizer.json"
+# Longest context a manifest may declare: CLIP's is 77, the longest open_clip text towers' 256-512; a larger value
+# would only size the token array (prompts x context_length int64) before the graph refuses it.
+MAX_CONTEXT_LENGTH = 4096
 
 
 def split_regex(special_tokens: Sequence[str]) -> str:
@@ -94,8 +98,9 @@ class TokenizerSpec:
         if spec.clean != "lower" or spec.kind != "open_clip SimpleTokenizer":
             raise RuntimeSetupError(f"{source}: tokenizer {spec.kind!r} with clean={spec.clean!r} is not supported "
                                     "by this diki-edge")
-        if spec.context_length < 2:
-            raise RuntimeSetupError(f"{source}: tokenizer context_length must be >= 2, not {spec.context_length}")
+        if not 2 <= spec.context_length <= MAX_CONTEXT_LENGTH:
+            raise RuntimeSetupError(f"{source}: tokenizer context_length must be within 2 .. {MAX_CONTEXT_LENGTH}, "
+                                    f"not {spec.context_length}")
         return spec
 
 
@@ -113,6 +118,11 @@ class ClipTokenizer:
         except Exception as exc:
             raise RuntimeSetupError(f"{source}: cannot read the tokenizer: {exc}") from None
         self.spec = spec
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        for field, value in (("sot_token_id", spec.sot_token_id), ("eot_token_id", spec.eot_token_id)):
+            if not 0 <= value < vocab:
+                raise RuntimeSetupError(f"{source}: the manifest's text.tokenizer.{field} {value} is outside this "
+                                        f"tokenizer's vocabulary (0 .. {vocab - 1})")
         self._specials = {t: tok.token_to_id(t) for t in spec.special_tokens}
         if any(i is None for i in self._specials.values()) or tok.pre_tokenizer is None:
             raise RuntimeSetupError(f"{source}: not a diki-edge CLIP tokenizer (special tokens "
@@ -123,11 +133,7 @@ class ClipTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike, spec: TokenizerSpec) -> "ClipTokenizer":
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuntimeSetupError(f"{path}: cannot read the tokenizer: {exc}") from None
-        return cls(text, spec, str(path))
+        return cls(read_limited_text(path, "tokenizer", TEXT_TABLE_MAX_BYTES), spec, str(path))
 
     @property
     def context_length(self) -> int:

@@ -9,12 +9,11 @@ import shutil
 
 import onnx
 import pytest
-from typer.testing import CliRunner
 
 from diki_edge_runtime import Predictor
 from diki_edge_runtime.contract import Manifest
 from diki_edge_runtime.errors import RuntimeSetupError
-from support import GOLDEN  # tests/support.py
+from support import GOLDEN, cli_in_process  # tests/support.py
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +36,7 @@ def old_folder(tmp_path_factory):
 
 
 def _predict(*args: str):
-    import typer
-
-    from diki_edge_runtime.cli_predict import predict_command
-
-    app = typer.Typer(add_completion=False)
-    app.command()(predict_command)
-    return CliRunner().invoke(app, list(args))
+    return cli_in_process("predict", *args)
 
 
 def test_old_folder_predicts_images_and_asks_to_re_export_for_labels(old_folder):

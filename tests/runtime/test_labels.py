@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diki_edge_runtime import Predictor
-from support import BLOCK_TORCH, REPO  # tests/support.py
+from support import BLOCK_TORCH, REPO, cli_in_process  # tests/support.py
 
 
 @pytest.fixture(scope="module")
@@ -114,24 +114,16 @@ def test_encode_text_frozen_and_under_a_task(golden):
 
 
 CLI = BLOCK_TORCH + """
-import typer
-from diki_edge_runtime.cli_predict import predict_command
-app = typer.Typer(add_completion=False)
-app.command()(predict_command)
-app(prog_name="diki-edge predict")
+import sys
+from diki_edge_runtime.cli import main
+main(["predict", *sys.argv[1:]])
 """
 
 
 def _predict(*args: str) -> tuple[int, str, str]:
-    """``diki-edge predict ARGS`` in this process: exit code, stdout, stderr."""
-    import typer
-    from typer.testing import CliRunner
-
-    from diki_edge_runtime.cli_predict import predict_command
-
-    app = typer.Typer(add_completion=False)
-    app.command()(predict_command)
-    res = CliRunner().invoke(app, list(args))
+    """``diki-edge predict ARGS`` in this process (through ``cli.main``, which prints errors): exit code, stdout,
+    stderr."""
+    res = cli_in_process("predict", *args)
     return res.exit_code, res.stdout, res.stderr
 
 

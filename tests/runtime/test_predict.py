@@ -295,12 +295,10 @@ def test_setup_errors(golden, tmp_path):
 
 # ---------------------------------------------------------------------------- the command, without torch
 CLI = BLOCK_TORCH + """
-import typer
-from diki_edge_runtime.cli_predict import predict_command
-app = typer.Typer(add_completion=False)
-app.command()(predict_command)
+import sys
+from diki_edge_runtime.cli import main
 try:
-    app(prog_name="diki-edge predict")
+    main(["predict", *sys.argv[1:]])
 finally:
     bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")]
     assert not bad, bad

@@ -181,11 +181,9 @@ def test_bad_workers_are_a_setup_error(model_dir):
 
 # ---------------------------------------------------------------------------- the command, without torch
 CLI = """
-import typer
-from diki_edge_runtime.cli_predict import predict_command
-app = typer.Typer(add_completion=False)
-app.command()(predict_command)
-app(prog_name="diki-edge predict")
+import sys
+from diki_edge_runtime.cli import main
+main(["predict", *sys.argv[1:]])
 """
 
 
