@@ -1,9 +1,12 @@
 """#10 Roofline: work per image counted from the graphs, and the fraction of this CPU's measured GEMM peak.
 
-The machine's limit is measured, not looked up: one 4096-cube GEMM through ONNX Runtime on the same threads, in
-float32 (``MatMul``) and in int8 (``MatMulInteger``, the kernel dynamic quantisation runs) —
-:class:`benchmarks.roofline.PeakGemm` — timed in the same interleaved rounds as the paths, so that a fraction of
-the peak compares figures taken under the same load. Each path's work is counted from the shapes its MatMul /
+The machine's limit is measured, not looked up: one 4096-cube GEMM per precision and library on the same
+threads — float32 through ONNX Runtime (``MatMul``) and PyTorch (``torch.mm``), int8 through ONNX Runtime
+(``MatMulInteger``, the kernel dynamic quantisation runs), bf16 through PyTorch (oneDNN) where the CPU has bf16
+units (:func:`benchmarks.roofline.peak_gemms`) — timed in the same interleaved rounds as the paths, so that a
+fraction of the peak compares figures taken under the same load. A precision's peak in a round is its fastest
+library's rate; every path reports its fraction of the peak of its own precision. The CPU's relevant features
+(AMX, AVX512-BF16, VNNI) are printed and written to the JSON. Each path's work is counted from the shapes its MatMul /
 Gemm / Conv nodes ran with (:func:`benchmarks.roofline.count_graph_flops`; PyTorch's ``FlopCounterMode``
 cross-checks the calibrated count). Paths, timed side by side on the same preprocessed pixels (graph runs; no
 image decoding):
@@ -25,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Config, make_result, ort_session, time_side_by_side
-from benchmarks.roofline import PEAK_SIZE, PeakGemm, count_graph_flops, cpu_flags, int8_kernel, torch_flops
+from benchmarks.roofline import (
+    PEAK_SIZE,
+    bf16_kernel,
+    count_graph_flops,
+    cpu_flags,
+    int8_kernel,
+    peak_gemms,
+    torch_flops,
+)
 from benchmarks.world import get_world
 
 NAME = "roofline"
@@ -41,12 +52,13 @@ def measure(cfg: Config) -> dict[str, Any]:
     from benchmarks.torch_eager import fastest_eager
 
     n = TINY_PEAK_SIZE if cfg.tiny else PEAK_SIZE
-    peaks = {k: PeakGemm(k, cfg.n_threads, n) for k in ("fp32", "int8")}
-    peak_label = {"fp32": f"peak fp32 GEMM (MatMul, {n}^3)", "int8": f"peak int8 GEMM (MatMulInteger u8 x s8, {n}^3)"}
+    peaks = peak_gemms(cfg.n_threads, n)
+    gemms = {label: g for pairs in peaks.values() for label, g in pairs}
     rows: list[dict[str, Any]] = []
-    notes = [f"int8 GEMM kernel by CPU flags: {int8_kernel()} (flags {', '.join(cpu_flags())}); "
-             f"{cfg.n_threads} threads"]
-    measured_peaks: dict[str, list[float]] = {"fp32": [], "int8": []}
+    notes = [f"CPU features: {', '.join(cpu_flags()) or 'none reported'}; int8 GEMM kernel by CPU flags: "
+             f"{int8_kernel()}; bf16 units: {bf16_kernel()}"
+             + ("" if "bf16" in peaks else " (no bf16 peak measured)") + f"; {cfg.n_threads} threads"]
+    measured_peaks: dict[str, list[float]] = {k: [] for k in peaks}
     counts: dict[str, Any] = {}
     for model in cfg.models:
         w = get_world(cfg, model)
@@ -88,18 +100,23 @@ def measure(cfg: Config) -> dict[str, Any]:
             fns = {label: (lambda s=sessions[graph], f=feeds(graph, pix[kind]): s.run(None, f))
                    for label, graph, kind in paths}
             fns[torch_label] = lambda: forward(torch_pix)
-            fns.update({peak_label[k]: p.run for k, p in peaks.items()})
+            fns.update({label: g.run for label, g in gemms.items()})
             t = time_side_by_side(fns, cfg.warmup, cfg.repeats)
-            rate = {k: p.rate(t[peak_label[k]]) for k, p in peaks.items()}
+            rate = {k: max(g.rate(t[label]) for label, g in pairs) for k, pairs in peaks.items()}
             fp32_peak, int8_peak = rate["fp32"], rate["int8"]
-            for k, p in peaks.items():
+            for k, pairs in peaks.items():
                 measured_peaks[k].append(rate[k])
-                rows.append({"model": model.split("/")[-1], "batch": batch, "path": peak_label[k],
-                             "GFLOP/image": f"{p.flop / 1e9:.1f} per run", "ms/image": t[peak_label[k]].fmt(),
-                             "GFLOP/s": f"{rate[k]:.0f}", "of peak": "the peak", "met": None,
-                             "data": {"timing": t[peak_label[k]].to_json(), "gflops": rate[k], "n": p.n}})
+                for label, g in pairs:
+                    mine = g.rate(t[label])
+                    rows.append({"model": model.split("/")[-1], "batch": batch, "path": label,
+                                 "GFLOP/image": f"{g.flop / 1e9:.1f} per run", "ms/image": t[label].fmt(),
+                                 "GFLOP/s": f"{mine:.0f}",
+                                 "of peak": f"the {k} peak" if mine == rate[k] else f"{mine / rate[k]:.0%} of {k}",
+                                 "met": None,
+                                 "data": {"timing": t[label].to_json(), "gflops": mine, "n": g.n, "precision": k,
+                                          "is_peak": mine == rate[k]}})
             for label, timing in t.items():
-                if label in peak_label.values():
+                if label in gemms:
                     continue
                 gflop = flop[label]["flop"] / 1e9
                 per_image = timing.median / batch
@@ -133,6 +150,7 @@ def measure(cfg: Config) -> dict[str, Any]:
                  "row is against its own block's peak")
     return make_result(NAME, TITLE, TARGET, cols, rows, notes,
                        extra={"peaks": {k: {"n": n, "gflops_by_block": v} for k, v in measured_peaks.items()},
+                              "cpu_features": list(cpu_flags()), "bf16_units": bf16_kernel(),
                               "gflop_per_image": counts})
 
 

@@ -9,7 +9,9 @@
 * :class:`PeakGemm` is one large GEMM through ONNX Runtime, in a session configured like the runtime's, on the
   same threads, timed in the same rounds as the graphs it bounds: float32 ``MatMul`` (MLAS SGEMM) and
   uint8 x int8 ``MatMulInteger`` (MLAS QGEMM, the kernel dynamic int8 quantisation runs; AVX512-VNNI / AVX-VNNI /
-  AMX where the CPU has them).
+  AMX where the CPU has them). :class:`TorchPeakGemm` is the same GEMM through PyTorch (oneDNN / MKL): float32,
+  and bfloat16 where the CPU has bf16 units (AMX-BF16 or AVX512-BF16; ONNX Runtime's CPU provider has no bf16
+  arithmetic). A precision's peak is the fastest library's rate in the same round (:data:`PEAK_KINDS`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ MATMUL_OPS = {"MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulInteger
 GEMM_OPS = {"Gemm", "FusedGemm"}
 CONV_OPS = {"Conv", "FusedConv", "ConvInteger"}
 PEAK_SIZE = 4096  # M = N = K of the peak GEMM: 137 GFLOP, large enough for every kernel to reach steady state
-ISA_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either gives the CPU bf16 dot-product units
 
 
 def _shapes(records: list[dict[str, list[int]]]) -> list[list[int]]:
@@ -184,3 +187,59 @@ def int8_kernel() -> str:
         if flag in flags:
             return name
     return "generic"
+
+
+def has_bf16_units() -> bool:
+    """Whether this CPU reports AMX-BF16 or AVX512-BF16 (a bf16 GEMM is then worth measuring)."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def bf16_kernel() -> str:
+    """Which bf16 units oneDNN runs bf16 GEMMs on here (by the CPU flags)."""
+    flags = cpu_flags()
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none (emulated)"
+
+
+class TorchPeakGemm:
+    """One ``n``-cube GEMM through PyTorch (``torch.mm`` into a preallocated output, oneDNN/MKL on the CPU) in
+    ``fp32`` or ``bf16``, on the threads PyTorch is set to; ``flop``: 2 n^3."""
+
+    def __init__(self, kind: str, threads: int, n: int = PEAK_SIZE):
+        import torch
+
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        if kind not in dtypes:
+            raise ValueError(f"unknown GEMM kind {kind!r} for PyTorch (fp32 or bf16)")
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        self.kind, self.n, self.flop = kind, n, 2 * n**3
+        self.a = torch.randn(n, n, generator=g).to(dtypes[kind])
+        self.b = torch.randn(n, n, generator=g).to(dtypes[kind])
+        self.out = torch.empty(n, n, dtype=dtypes[kind])
+
+    def run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            torch.mm(self.a, self.b, out=self.out)
+
+    def rate(self, timing: Timing) -> float:
+        """GFLOP/s at the timing's median."""
+        return self.flop / timing.median / 1e9
+
+
+def peak_gemms(threads: int, n: int = PEAK_SIZE) -> dict[str, list[tuple[str, Any]]]:
+    """Per precision, the ``(label, gemm)`` pairs whose fastest rate in a round is that precision's peak:
+    fp32 through ONNX Runtime and PyTorch, int8 through ONNX Runtime, bf16 through PyTorch where the CPU has bf16
+    units (:data:`PEAK_KINDS` order)."""
+    peaks: dict[str, list[tuple[str, Any]]] = {
+        "fp32": [(f"peak fp32 GEMM (ORT MatMul, {n}^3)", PeakGemm("fp32", threads, n)),
+                 (f"peak fp32 GEMM (PyTorch mm, {n}^3)", TorchPeakGemm("fp32", threads, n))],
+        "int8": [(f"peak int8 GEMM (ORT MatMulInteger u8 x s8, {n}^3)", PeakGemm("int8", threads, n))],
+    }
+    if has_bf16_units():
+        peaks["bf16"] = [(f"peak bf16 GEMM (PyTorch mm, {bf16_kernel()}, {n}^3)", TorchPeakGemm("bf16", threads, n))]
+    return peaks
+
+
+PEAK_KINDS = ("fp32", "int8", "bf16")

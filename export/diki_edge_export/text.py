@@ -95,8 +95,33 @@ class TextGraph(nn.Module):
         keys = text_k.index_select(0, prompt_task).to(dt)
         values = text_v.index_select(0, prompt_task).to(dt)
         with residual(self.diki.text_slot, keys, values, prompt_weight.to(dt)):
-            f = self.diki.clip.encode_text(text_tokens)
+            f = encode_text_any_length(self.diki.clip, text_tokens)
         return F.normalize(f.float(), dim=-1)
+
+
+def encode_text_any_length(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` on ``tokens`` of any length ``n`` up to the context length: the positional
+    embedding and the causal mask are cut to ``n``, so the traced graph keeps ``text_length`` dynamic.
+
+    Cutting is exact, not an approximation: the frozen attention is causal, the residual branch attends to the
+    task's ``K_r`` only, and the output is read at the end-of-text position, so positions after the longest
+    prompt's end-of-text token never reach the output. Text towers that already cut to the input's length
+    (open_clip's ``TextTransformer`` of ``CustomTextCLIP``) run as they are.
+    """
+    if not hasattr(clip, "positional_embedding") or not hasattr(clip, "token_embedding"):
+        return clip.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    n = tokens.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype)
+    x = x + clip.positional_embedding[:n].to(cast_dtype)
+    mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+    x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    return x
 
 
 @dataclass

@@ -47,7 +47,7 @@ TEXT_MODEL_FILE = "text.onnx"  # the text encoder graph (TEXT_GRAPH_INPUTS -> TE
 TOKENIZER_FILE = "tokenizer.json"  # the backbone's BPE as a Hugging Face tokenizers file (runtime tokenizer.py)
 
 # Dimensions that stay symbolic in the graph: a bank with more or fewer tasks/classes runs on the same file.
-DYNAMIC_DIMS = ("batch", "tasks", "classes", "levels", "prompts")
+DYNAMIC_DIMS = ("batch", "tasks", "classes", "levels", "prompts", "text_length")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ OUTPUT_NAMES: tuple[str, ...] = tuple(s.name for s in GRAPH_OUTPUTS)
 REQUIRED_OUTPUT_NAMES: tuple[str, ...] = tuple(s.name for s in GRAPH_OUTPUTS if s.required)
 
 TEXT_GRAPH_INPUTS: tuple[TensorSpec, ...] = (
-    TensorSpec("text_tokens", ("prompts", "context_length"), "int64", "token ids (tokenizer.json, zero-padded)"),
+    TensorSpec("text_tokens", ("prompts", "text_length"), "int64",
+               "token ids (tokenizer.json, zero-padded), cut to any length up to the context length that keeps "
+               "every prompt's end-of-text token (diki_edge_runtime.text.trimmed_length)"),
     TensorSpec("text_k", ("tasks", "text_layers", "residual_length", "text_width"), "float32",
                "text-encoder residual keys of every task (the bank's text_k)"),
     TensorSpec("text_v", ("tasks", "text_layers", "residual_length", "text_width"), "float32",

@@ -5,6 +5,14 @@ the task whose ``K_r/V_r`` it runs with and its own ``M`` (``M = 0``: the frozen
 The bank's ``text_k/text_v`` are inputs, so a swapped bank needs no re-export. Prompts run in chunks of
 ``batch_size`` so memory stays bounded for long label lists. :attr:`TextEncoder.prompts_encoded` counts prompt
 passes (what the label-table cache of :mod:`diki_edge_runtime.labels` is measured by).
+
+**Dynamic text length.** CLIP's text tower is causal and read at the end-of-text token, so the positions after a
+batch's longest prompt change nothing. Where the text graph's token axis is dynamic (``text_length``, every
+export since that axis exists), prompts are ordered by length, and each chunk runs cut to
+:func:`trimmed_length` (its longest end-of-text position + 1, rounded up to a multiple of :data:`LENGTH_STEP` so
+that a label list runs few distinct shapes); the outputs come back in the input order. Older folders, whose
+graph has a fixed context length, run at the full length as before. Over-long prompts were already truncated by
+the tokenizer exactly as open_clip does (end-of-text kept last).
 """
 
 from __future__ import annotations
@@ -23,6 +31,20 @@ from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, Session
 from diki_edge_runtime.tokenizer import ClipTokenizer, TokenizerSpec
 
 TEXT_BATCH = 64  # prompts per text-graph run
+LENGTH_STEP = 8  # trimmed lengths are rounded up to a multiple of this (fewer distinct shapes per label list)
+
+
+def trimmed_length(tokens: np.ndarray, eot_token_id: int, step: int = LENGTH_STEP) -> int:
+    """The shortest token length (a multiple of ``step``, at most ``tokens.shape[1]``) that keeps every row's
+    end-of-text token; the full length when a row has none (token rows not made by the tokenizer)."""
+    full = int(tokens.shape[1])
+    if len(tokens) == 0:
+        return full
+    has_eot = tokens == eot_token_id
+    if not bool(np.all(has_eot.any(axis=1))):
+        return full
+    end = int(has_eot.argmax(axis=1).max()) + 1
+    return min(full, -(-end // step) * step)
 
 
 def text_files(model_dir: Path, section: TextSection) -> tuple[Path, Path]:
@@ -48,10 +70,11 @@ class TextEncoder:
                                device_id=device_id, io_binding=False, provider_options=provider_options,
                                low_memory=low_memory, log_severity=log_severity)
         self.session.require(TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, f"{model_path}: text graph")
-        graph_context = self.session.input_shapes["text_tokens"][1:]
-        if graph_context and isinstance(graph_context[0], int) and graph_context[0] != self.tokenizer.context_length:
+        graph_context = self.session.input_shapes[TEXT_INPUT_NAMES[0]][1]
+        self.dynamic_length = not isinstance(graph_context, int)
+        if not self.dynamic_length and graph_context != self.tokenizer.context_length:
             raise RuntimeSetupError(f"{source}: text.tokenizer.context_length is {self.tokenizer.context_length} but "
-                                    f"the text graph {model_path.name} takes {graph_context[0]} tokens per prompt")
+                                    f"the text graph {model_path.name} takes {graph_context} tokens per prompt")
         self.prompts_encoded = 0
         self._count = threading.Lock()
 
@@ -71,13 +94,25 @@ class TextEncoder:
             raise ValueError("text weights M must be finite")
         if n and (task.min() < 0 or task.max() >= len(text_k)):
             raise ValueError(f"task index out of range for a bank of {len(text_k)} tasks")
+        eot = self.tokenizer.spec.eot_token_id
+        order = np.argsort((tokens == eot).argmax(axis=1), kind="stable") if self.dynamic_length and n else None
+        rows = np.arange(n) if order is None else order
         outs = []
         for i in range(0, n, batch_size):
-            feeds = dict(zip(TEXT_INPUT_NAMES, (np.ascontiguousarray(tokens[i:i + batch_size], np.int64), text_k,
-                                                text_v, task[i:i + batch_size], weight[i:i + batch_size])))
+            chunk = rows[i:i + batch_size]
+            ids = tokens[chunk]
+            if self.dynamic_length:
+                ids = ids[:, :trimmed_length(ids, eot)]
+            feeds = dict(zip(TEXT_INPUT_NAMES, (np.ascontiguousarray(ids, np.int64), text_k, text_v, task[chunk],
+                                                weight[chunk])))
             outs.append(self.session.run_feeds(feeds)[TEXT_OUTPUT_NAMES[0]])
             if on_progress:
                 on_progress(min(i + batch_size, n), n)
         with self._count:
             self.prompts_encoded += n
-        return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, 0), np.float32)
+        if not outs:
+            return np.zeros((0, 0), np.float32)
+        embeds = np.concatenate(outs).astype(np.float32, copy=False)
+        if order is not None:
+            embeds[order] = embeds.copy()
+        return embeds

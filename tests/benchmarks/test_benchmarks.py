@@ -85,11 +85,15 @@ def test_params_figure_matches_issue():
 
 
 def test_roofline_counts_and_peaks(tiny_results):
+    from benchmarks.roofline import cpu_flags, has_bf16_units
+
     """#10 on the tiny model: both peaks measured, every path's work counted from its graph, and PyTorch's own
     counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
     out, _, _ = tiny_results
     res = json.loads((out / "roofline.json").read_text())
     assert all(g > 0 for k in ("fp32", "int8") for g in res["peaks"][k]["gflops_by_block"])
+    # bf16 is measured exactly where the CPU reports bf16 units, and the features it was decided on are recorded
+    assert ("bf16" in res["peaks"]) == has_bf16_units() and res["cpu_features"] == list(cpu_flags())
     counts = next(iter(res["gflop_per_image"].values()))
     onnx_familiar = counts["calibrated fp32, familiar"]
     torch_familiar = next(v for k, v in counts.items() if k.startswith("PyTorch"))

@@ -138,3 +138,22 @@ def test_pytorch_counter_sees_attention_on_the_inference_fast_path():
 
     assert torch_flops(run) == expect
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_torch_peak_gemm_computes_the_product_in_its_precision():
+    """The PyTorch peak GEMM really multiplies (a timed no-op would inflate the peak): bf16 inputs, bf16 output.
+    Bound: the inputs are bf16 already, so every product is exact in the float32 accumulator; accumulating 64 of
+    them (|a_i b_i| <~ 16) errs by <= 64 * 2^-24 * 64 * 16 ~ 4e-3 at worst; the single rounding to bf16 (7 stored
+    mantissa bits) errs by <= 2^-8 |x|. Checked as 1.25 * 2^-8 |x| + 1e-2 (25 % and 2.5x margins)."""
+    import torch
+
+    from benchmarks.roofline import TorchPeakGemm
+
+    gemm = TorchPeakGemm("bf16", 1, 64)
+    gemm.run()
+    want = gemm.a.float() @ gemm.b.float()
+    err = (gemm.out.float() - want).abs()
+    assert gemm.out.dtype == torch.bfloat16 and bool((err <= 1.25 * 2**-8 * want.abs() + 1e-2).all())
+    assert float(want.abs().max()) > 1.0  # not a degenerate product
+    with pytest.raises(ValueError, match="unknown GEMM kind"):
+        TorchPeakGemm("int8", 1, 8)

@@ -68,7 +68,7 @@ def test_manifest_declares_the_text_graph(tw):
     assert Manifest.from_json(manifest) == tw.result.manifest
     text = manifest["text"]
     assert list(text["inputs"]) == list(TEXT_INPUT_NAMES) and list(text["outputs"]) == list(TEXT_OUTPUT_NAMES)
-    assert text["inputs"]["text_tokens"] == {"shape": ["prompts", 16], "dtype": "int64"}
+    assert text["inputs"]["text_tokens"] == {"shape": ["prompts", "text_length"], "dtype": "int64"}
     assert text["inputs"]["text_k"]["shape"] == ["tasks", 2, 8, 48]
     assert text["inputs"]["prompt_weight"] == {"shape": ["prompts"], "dtype": "float32"}
     assert text["outputs"]["text_embeds"]["shape"] == ["prompts", 32]
@@ -79,7 +79,7 @@ def test_manifest_declares_the_text_graph(tw):
     assert {c["tasks"] for c in fp32["cases"]} == {1, 6}  # 4 bank tasks + 2 probe adapters, and a single task
     assert "frozen_embeds" in manifest["outputs"]
     shapes = {i.name: i.shape for i in tw.session.get_inputs()}
-    assert shapes["text_tokens"][0] == "prompts" and shapes["text_k"][0] == "tasks"
+    assert shapes["text_tokens"] == ["prompts", "text_length"] and shapes["text_k"][0] == "tasks"
 
 
 @pytest.mark.parametrize("tasks", [1, 2, 4])
@@ -123,3 +123,50 @@ def test_unreproducible_tokenizer_fails_the_export_and_writes_nothing(tw, tmp_pa
     with pytest.raises(ExportError, match="clean"):
         export_model(tw.bank_path, tmp_path / "out", backbone=other, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# Cutting the token axis is exact in exact arithmetic (the frozen attention is causal, so the cut positions get
+# softmax weight exp(-inf) = 0; the residual branch attends to K_r only; the output is read at end-of-text). What
+# remains is float32 rounding of GEMMs of other shapes (MLAS picks other blocks; AMX and AVX-512 kernels differ):
+# a few ulps (~1e-7 relative) per layer on activations that LayerNorm keeps O(1), through at most 12 layers, on
+# unit-norm embeddings whose entries are <= 1: ~1e-6 at most. 1e-5 (the bound) leaves a 10x margin.
+TRIM_BOUND = 1e-5
+
+
+def test_the_text_graph_runs_at_any_length_that_keeps_the_end_of_text(tw):
+    from diki_edge_runtime.text import trimmed_length
+
+    text_k, text_v = tw.bank.arrays["text_k"], tw.bank.arrays["text_v"]
+    tokens = tw.tokenizer(PROMPTS)  # "x " * 40 is truncated to the context (16), end-of-text kept last
+    eot = tw.tokenizer.spec.eot_token_id
+    ends = (tokens == eot).argmax(1) + 1
+    assert ends.max() == 16 and ends.min() < 8  # both kinds present, so the cut really happens
+    n = len(PROMPTS)
+    task, weight = np.arange(n, dtype=np.int64) % 4, np.linspace(0, 1, n, dtype=np.float32)
+    full = tw.run(tokens, text_k, text_v, task, weight)
+    for i, end in enumerate(ends):
+        alone = tw.run(tokens[i:i + 1, :end], text_k, text_v, task[i:i + 1], weight[i:i + 1])
+        assert np.abs(alone - full[i:i + 1]).max() <= TRIM_BOUND, PROMPTS[i]
+    short = tokens[ends <= 8]
+    assert trimmed_length(short, eot) == 8 and trimmed_length(tokens, eot) == 16
+    assert trimmed_length(short[:, 1:], eot, step=4) == 8  # rounded up to the step
+    assert trimmed_length(np.zeros((2, 16), np.int64), eot) == 16  # rows without end-of-text: never cut
+
+
+def test_the_runtime_text_encoder_cuts_each_chunk_and_keeps_the_input_order(tw):
+    from diki_edge_runtime.text import TextEncoder
+
+    encoder = TextEncoder(tw.folder, tw.result.manifest.text)
+    assert encoder.dynamic_length
+    text_k, text_v = tw.bank.arrays["text_k"], tw.bank.arrays["text_v"]
+    prompts = PROMPTS[::-1] + PROMPTS  # long and short prompts interleaved across chunks
+    tokens = encoder.tokens(prompts)
+    n = len(prompts)
+    task, weight = np.arange(n, dtype=np.int64) % 4, np.linspace(0, 1, n, dtype=np.float32)
+    calls = []
+    run_feeds = encoder.session.run_feeds
+    encoder.session.run_feeds = lambda feeds: calls.append(feeds["text_tokens"].shape[1]) or run_feeds(feeds)
+    got = encoder.encode_tokens(tokens, text_k, text_v, task, weight, batch_size=4)
+    want = tw.run(tokens, text_k, text_v, task, weight)
+    assert np.abs(got - want).max() <= TRIM_BOUND  # TRIM_BOUND's analysis: the cut is exact up to rounding
+    assert min(calls) == 8 and max(calls) == 16  # short prompts ran cut, the truncated one at the full length
