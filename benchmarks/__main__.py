@@ -65,6 +65,7 @@ OWN = [
     ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # issue 13: ViT-B/16, low memory
     ("train", "benchmarks.bench_train", 11),  # issue 11: streamed vs in-memory training, gloo, CUDA fp32/bf16
     ("labels", "benchmarks.bench_labels", 12),  # issue 10: labels at prediction time, encode_text, label cache
+    ("serve", "benchmarks.bench_serve", 20),  # diki-edge serve: batching, overload, reload under load, idle unload
 ]
 # Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
 EXTERNAL = [

@@ -11,9 +11,9 @@ from diki_edge_runtime.images import (
            ImageError,
            load_rgb,
 )
-from diki_edge_runtime.predictor import Prediction, Predictor
+from diki_edge_runtime.predictor import Prediction, Predictor, PredictorSettings
 from diki_edge_runtime.preprocess import Preprocess
-from diki_edge_runtime.session import Session, provider_unavailable_reason
+from diki_edge_runtime.session import Session, SessionSettings, provider_unavailable_reason
 
-__all__ = ["Predictor", "Prediction", "Preprocess", "Session", "ImageError", "load_rgb",
-           "provider_unavailable_reason", "DEFAULT_MAX_PIXELS", "ERROR_KINDS"]
+__all__ = ["Predictor", "PredictorSettings", "Prediction", "Preprocess", "Session", "SessionSettings", "ImageError",
+           "load_rgb", "provider_unavailable_reason", "DEFAULT_MAX_PIXELS", "ERROR_KINDS"]

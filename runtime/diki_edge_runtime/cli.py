@@ -1,6 +1,7 @@
 """The ``diki-edge`` command line: one typer app, owned by the runtime.
 
-The runtime registers ``predict`` and ``bank``; the other distributions add their commands through the entry-point
+The runtime registers ``predict`` and ``bank``, and ``serve`` when its extra is installed (``serve``: the HTTP
+service, diki_edge_runtime/serve/); the other distributions add their commands through the entry-point
 group :data:`COMMAND_GROUP` (``diki-edge`` adds ``train``, ``eval``, ``demo``; ``diki-edge-export`` adds
 ``export``). An edge install therefore lists only what works there, and a command that belongs to a distribution
 that is not installed is answered with the ``pip install`` line that brings it, not "no such command".
@@ -11,6 +12,7 @@ usage and setup errors); they never show a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from importlib.metadata import entry_points
 
@@ -21,6 +23,7 @@ from rich.markup import escape
 from diki_edge_runtime.cli_bank import bank_app
 from diki_edge_runtime.cli_predict import predict_command
 from diki_edge_runtime.errors import DikiEdgeError
+from diki_edge_runtime.serve import INSTALL_LINE, SERVE_MODULES
 
 # Each entry point names a callable ``register(app: typer.Typer) -> None`` that adds its commands.
 COMMAND_GROUP = "diki_edge.commands"
@@ -30,6 +33,7 @@ PLUGIN_COMMANDS = {
     "eval": "pip install 'diki-edge[data]'",
     "demo": "pip install 'diki-edge[data,export]'",
     "export": "pip install diki-edge-export",
+    "serve": INSTALL_LINE,
 }
 
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the terminal width
@@ -41,6 +45,10 @@ def build_app() -> typer.Typer:
                       help="DIKI continual-learning adapters for CLIP: train, export to ONNX, predict torch-free.")
     app.command("predict")(predict_command)
     app.add_typer(bank_app, name="bank")
+    if serve_available():
+        from diki_edge_runtime.serve.command import serve_command
+
+        app.command("serve")(serve_command)
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         try:
             register = ep.load()
@@ -52,6 +60,17 @@ def build_app() -> typer.Typer:
 
 
 _BROKEN_PLUGINS: dict[str, str] = {}
+
+
+def serve_available() -> bool:
+    """Whether the ``serve`` extra's packages are installed (``diki-edge serve`` is listed only then)."""
+    for name in SERVE_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
 
 
 def _missing_command(argv: list[str], app: typer.Typer) -> str | None:
@@ -72,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     install = _missing_command(argv, app)
     if install:
         err.print(f"[bold red]error:[/] `diki-edge {argv[0]}` is not part of this install (the runtime only has "
-                  f"`predict` and `bank`): {install}", highlight=False)
+                  f"`predict` and `bank`): {escape(install)}", highlight=False)
         sys.exit(2)
     try:
         app(args=argv, prog_name="diki-edge")

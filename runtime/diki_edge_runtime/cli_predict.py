@@ -61,12 +61,17 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated, Iterable, Optional
 
 import typer
 
+from diki_edge_runtime.errors import UsageError
 from diki_edge_runtime.images import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from diki_edge_runtime.predictor import Prediction, Predictor, PredictorSettings
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # usage and setup errors raise (cli.main exits 2)
 LABEL_PROGRESS_MIN = 1024  # prompts: smaller label-table builds take a few seconds at most and are not reported
@@ -137,38 +142,150 @@ def _format_top(top_k: list[tuple[str, float]]) -> str:
     return ", ".join(f"{c} {p:.3f}" for c, p in top_k)
 
 
+# Options shared by every command that opens a model folder (`predict`, `serve`): declared once, read into one
+# RuntimeOptions, turned into one PredictorSettings.
+ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Exported model folder (diki-edge export).")]
+BankOption = Annotated[Optional[Path], typer.Option(help="Use this bank instead of the model folder's own.")]
+ProviderOption = Annotated[str, typer.Option(
+    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, coreml, rocm, migraphx, dml (or an "
+         "ONNX Runtime id); a comma-separated chain (tensorrt,cuda,cpu) falls back only as written.")]
+ProviderOptionArgs = Annotated[Optional[list[str]], typer.Option(
+    "--provider-option", help="NAME:KEY=VALUE (KEY=VALUE for a single provider), e.g. "
+                              "tensorrt:trt_fp16_enable=true; repeatable.", show_default=False)]
+ProviderOptionsFile = Annotated[Optional[Path], typer.Option(
+    "--provider-options", help='JSON file {"tensorrt": {"trt_engine_cache_enable": true}, ...}.',
+    show_default=False)]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    help="ONNX Runtime intra-op threads (1 .. the machine's cores x 4).")]
+WorkersOption = Annotated[Optional[int], typer.Option(
+    min=0, help="Decode threads overlapped with inference (default: one per core, at most 8; 0: none).",
+    show_default=False)]
+FastDecodeOption = Annotated[bool, typer.Option(
+    "--fast-decode", help="Decode JPEGs at a reduced DCT scale before the exact resize: faster on large "
+                          "photos, slightly different results (see the README).")]
+LowMemoryOption = Annotated[bool, typer.Option(
+    "--low-memory", help="ONNX Runtime memory arena and memory patterns off: working memory is returned "
+                         "after each run instead of kept.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="ONNX Runtime's info messages on stderr.")]
+TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The command-line options that open a model folder, as given (``predict`` and ``serve`` share them)."""
+
+    model: Path
+    bank: Optional[Path] = None
+    provider: str = "cpu"
+    provider_option: tuple[str, ...] = ()
+    provider_options: Optional[Path] = None
+    threads: Optional[int] = None
+    workers: Optional[int] = None
+    fast_decode: bool = False
+    low_memory: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    def check(self) -> None:
+        """The checks that need no file: a :class:`UsageError` naming the option."""
+        from diki_edge_runtime.session import max_threads
+
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--top-k, --batch-size and --threads must be >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be >= 0")
+        if self.threads is not None and self.threads > max_threads():
+            raise UsageError(f"--threads {self.threads} is more than this machine's {os.cpu_count() or 1} cores x "
+                             f"4 = {max_threads()}")
+        if self.quiet and self.verbose:
+            raise UsageError("--quiet and --verbose contradict each other")
+
+    @property
+    def log_severity(self) -> int:
+        from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY
+
+        return 4 if self.quiet else 1 if self.verbose else DEFAULT_LOG_SEVERITY
+
+    def settings(self) -> "PredictorSettings":
+        """The one :class:`PredictorSettings` these options stand for (reads ``--provider-options``)."""
+        from diki_edge_runtime.predictor import PredictorSettings
+        from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
+        from diki_edge_runtime.session import SessionSettings
+
+        options = merge_options(load_options_file(self.provider_options) if self.provider_options else None,
+                                parse_option_args(self.provider_option, self.provider.split(",")))
+        session = SessionSettings(self.provider, self.threads, provider_options=options,
+                                  low_memory=self.low_memory, log_severity=self.log_severity)
+        return PredictorSettings(session, workers=self.workers, fast_decode=self.fast_decode)
+
+    def open(self) -> "Predictor":
+        from diki_edge_runtime.predictor import Predictor
+
+        return Predictor(self.model, bank=self.bank, settings=self.settings())
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What ``diki-edge predict`` does with the opened model: inputs, top-k, labels and the output form."""
+
+    inputs: tuple[str, ...]
+    top_k: int = 5
+    batch_size: int = 8
+    json_: bool = False
+    labels: Optional[str] = None
+    labels_file: Optional[Path] = None
+    template: Optional[str] = None
+    embeddings: bool = False
+
+    def check(self) -> None:
+        if not self.inputs:
+            raise UsageError("no inputs given")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise UsageError("--top-k, --batch-size and --threads must be >= 1")
+
+    def label_list(self) -> Optional[list[str]]:
+        """The labels asked for (checked with the template), or None; a :class:`UsageError` naming the problem."""
+        from diki_edge_runtime.labels import label_prompts, parse_labels, read_labels_file
+
+        label_list = None
+        try:
+            if self.labels is not None and self.labels_file is not None:
+                raise ValueError("give --labels or --labels-file, not both")
+            if self.labels is not None:
+                label_list = parse_labels(self.labels)
+            elif self.labels_file is not None:
+                label_list = read_labels_file(self.labels_file)
+            elif self.template is not None:
+                raise ValueError("--template needs --labels or --labels-file")
+            if label_list is not None:
+                label_prompts(label_list, self.template)
+            if self.embeddings and not self.json_:
+                raise ValueError("--embeddings adds the embeddings to the --json lines; pass --json too")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return label_list
+
+
 def predict_command(
     inputs: Annotated[list[str], typer.Argument(help="Image files, directories (recursed) or glob patterns.",
                                                 show_default=False)],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model folder (diki-edge export).")],
-    bank: Annotated[Optional[Path], typer.Option(help="Use this bank instead of the model folder's own.")] = None,
-    provider: Annotated[str, typer.Option(
-        help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, coreml, rocm, migraphx, dml (or an "
-             "ONNX Runtime id); a comma-separated chain (tensorrt,cuda,cpu) falls back only as written.")] = "cpu",
-    provider_option: Annotated[Optional[list[str]], typer.Option(
-        "--provider-option", help="NAME:KEY=VALUE (KEY=VALUE for a single provider), e.g. "
-                                  "tensorrt:trt_fp16_enable=true; repeatable.", show_default=False)] = None,
-    provider_options: Annotated[Optional[Path], typer.Option(
-        "--provider-options", help='JSON file {"tensorrt": {"trt_engine_cache_enable": true}, ...}.',
-        show_default=False)] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 8,
+    model: ModelOption,
+    bank: BankOption = None,
+    provider: ProviderOption = "cpu",
+    provider_option: ProviderOptionArgs = None,
+    provider_options: ProviderOptionsFile = None,
+    top_k: TopKOption = 5,
+    batch_size: BatchSizeOption = 8,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image per line (schema in the docs).")]
     = False,
-    threads: Annotated[Optional[int], typer.Option(
-        help="ONNX Runtime intra-op threads (1 .. the machine's cores x 4).")] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Decode threads overlapped with inference (default: one per core, at most 8; 0: none).",
-        show_default=False)] = None,
-    fast_decode: Annotated[bool, typer.Option(
-        "--fast-decode", help="Decode JPEGs at a reduced DCT scale before the exact resize: faster on large "
-                              "photos, slightly different results (see the README).")] = False,
-    low_memory: Annotated[bool, typer.Option(
-        "--low-memory", help="ONNX Runtime memory arena and memory patterns off: working memory is returned "
-                             "after each run instead of kept.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="ONNX Runtime's info messages on stderr.")]
-    = False,
+    threads: ThreadsOption = None,
+    workers: WorkersOption = None,
+    fast_decode: FastDecodeOption = False,
+    low_memory: LowMemoryOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
     labels: Annotated[Optional[str], typer.Option(help="Classify among these comma-separated labels instead of "
                                                        "the bank's classes.")] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Labels, one per line (instead of --labels).")] = None,
@@ -178,150 +295,107 @@ def predict_command(
                                                                   "the --json lines.")] = False,
 ) -> None:
     """Predict task, familiarity M and top-k classes (or any labels) for images, without PyTorch."""
-    code = run_predict(inputs, model, bank=bank, provider=provider, top_k=top_k, batch_size=batch_size,
-                       json_=json_, threads=threads, quiet=quiet, provider_option=provider_option or [],
-                       provider_options=provider_options, workers=workers, fast_decode=fast_decode,
-                       low_memory=low_memory, verbose=verbose, labels=labels, labels_file=labels_file,
-                       template=template, embeddings=embeddings)
+    runtime = RuntimeOptions(model, bank, provider, tuple(provider_option or ()), provider_options, threads, workers,
+                             fast_decode, low_memory, quiet, verbose)
+    job = PredictJob(tuple(inputs), top_k, batch_size, json_, labels, labels_file, template, embeddings)
+    code = run_predict(runtime, job)
     if code:
         raise typer.Exit(code)
 
 
-def run_predict(inputs: list[str], model: Path, *, bank: Optional[Path] = None, provider: str = "cpu",
-                top_k: int = 5, batch_size: int = 8, json_: bool = False, threads: Optional[int] = None,
-                quiet: bool = False, provider_option: Iterable[str] = (), provider_options: Optional[Path] = None,
-                workers: Optional[int] = None, fast_decode: bool = False, low_memory: bool = False,
-                verbose: bool = False, labels: Optional[str] = None, labels_file: Optional[Path] = None,
-                template: Optional[str] = None, embeddings: bool = False) -> int:
-    """The body of ``diki-edge predict``; returns the exit code (see the module docstring)."""
+def run_predict(runtime: RuntimeOptions, job: PredictJob) -> int:
+    """The body of ``diki-edge predict`` in three steps (parse and open, predict, sink); returns the exit code
+    (see the module docstring)."""
     from PIL import Image
     from rich.console import Console
 
-    from diki_edge_runtime.errors import DikiEdgeError, RuntimeSetupError, UsageError
-    from diki_edge_runtime.labels import label_prompts, parse_labels, read_labels_file
-    from diki_edge_runtime.predictor import Prediction, Predictor
-    from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
-    from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY
+    from diki_edge_runtime.errors import DikiEdgeError, RuntimeSetupError
+    from diki_edge_runtime.predictor import Prediction
 
     # the pixel limit is enforced per image (a clear per-image error); Pillow's own warning would only be noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error is one line, whatever the width
-    out = Console(highlight=False)
-    check_predict_options(inputs, top_k=top_k, batch_size=batch_size, threads=threads, workers=workers,
-                          quiet=quiet, verbose=verbose)
-    log_severity = 4 if quiet else 1 if verbose else DEFAULT_LOG_SEVERITY
-    label_list = None
-    try:
-        if labels is not None and labels_file is not None:
-            raise ValueError("give --labels or --labels-file, not both")
-        if labels is not None:
-            label_list = parse_labels(labels)
-        elif labels_file is not None:
-            label_list = read_labels_file(labels_file)
-        elif template is not None:
-            raise ValueError("--template needs --labels or --labels-file")
-        if label_list is not None:
-            label_prompts(label_list, template)
-        if embeddings and not json_:
-            raise ValueError("--embeddings adds the embeddings to the --json lines; pass --json too")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    entries = expand_inputs(inputs)
+    job.check()
+    runtime.check()
+    label_list = job.label_list()
+    entries = expand_inputs(job.inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
-    progress = None  # a rich progress bar, started below when there is more than one batch
+    progress: Optional[Progressbar] = None  # started below when there is more than one batch
 
     def advance(n: int) -> None:
         if progress:
-            progress.advance(bar, n)
+            progress.advance(n)
 
     try:
-        options = merge_options(load_options_file(provider_options) if provider_options else None,
-                                parse_option_args(provider_option, provider.split(",")))
-        predictor = Predictor(model, provider=provider, threads=threads, bank=bank, provider_options=options,
-                              workers=workers, fast_decode=fast_decode, low_memory=low_memory,
-                              log_severity=log_severity)
-        if embeddings and not predictor.has_frozen_embeds:
-            raise DikiEdgeError(f"{model}: the model folder was exported before the frozen (pass-1) embedding was "
-                                "a graph output; re-export it with `diki-edge export` to use --embeddings")
-        predicted = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, labels=label_list,
-                                           template=template, on_progress=advance)
+        predictor = open_predictor(runtime, job)
+        predicted = predictor.iter_predict(paths, top_k=job.top_k, batch_size=job.batch_size, labels=label_list,
+                                           template=job.template, on_progress=advance)
         # (iter_predict checks the labels and the text graph here, before any image is read)
     except (UsageError, RuntimeSetupError):
         raise
     except DikiEdgeError as exc:  # a bank that is missing or does not fit is a setup error here too (exit 2)
         raise RuntimeSetupError(str(exc)) from None
-    if not quiet:
-        info = predictor.info()
-        err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
-                  f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
-        for note in info["provider_notes"]:
-            err.print(f"note: {note}", markup=False)
-
-    results: list[Prediction] = []
-    n_failed = 0
-
-    def emit(res: Prediction) -> None:
-        nonlocal n_failed
-        n_failed += not res.ok
-        if json_:
-            line = json.dumps(res.to_json(embeddings=embeddings), ensure_ascii=False, allow_nan=False)
-            try:
-                sys.stdout.write(line + "\n")
-            except UnicodeEncodeError:  # a stdout that cannot encode every character (LANG=C on old Pythons)
-                sys.stdout.write(json.dumps(res.to_json(embeddings=embeddings), allow_nan=False) + "\n")
-        else:
-            results.append(res)
-
-    show_progress = not quiet and len(paths) > batch_size
-    if show_progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=err, transient=True, redirect_stdout=False, redirect_stderr=False)
-        # (rich redirects sys.stdout into its live display by default: on a terminal the --json lines would go
-        # to the terminal instead of stdout)
-        progress.start()
-        bar = progress.add_task("predicting", total=len(paths))
-    if label_list is not None and not quiet:
-        predictor.text_progress = LabelProgress(err, progress if err.is_terminal else None,
-                                                bar if progress else None)
+    sink = JsonSink(job.embeddings) if job.json_ else TableSink(job.top_k)
+    if not runtime.quiet:
+        _print_setup(err, runtime.model, predictor)
+    if not runtime.quiet and len(paths) > job.batch_size:
+        progress = Progressbar(err, len(paths))
+    if label_list is not None and not runtime.quiet:
+        predictor.text_progress = LabelProgress(err, progress.progress if progress and err.is_terminal else None,
+                                                progress.bar if progress else None)
     try:
         for index, entry in enumerate(entries):  # results in argument order, unmatched arguments in place
             if isinstance(entry, Unmatched):
-                res = Prediction(str(entry), index, error=entry.message, error_kind="not_found")
+                sink.emit(Prediction(str(entry), index, error=entry.message, error_kind="not_found"))
             else:
-                res = next(predicted)
-            emit(res)
-            if json_:
-                sys.stdout.flush()
+                sink.emit(next(predicted))
     finally:
         if progress:
             progress.stop()
+    sink.close()
+    if sink.failed and not runtime.quiet:
+        err.print(f"{sink.failed} of {len(entries)} inputs failed", markup=False)
+    return EXIT_FAILED_INPUTS if sink.failed else EXIT_OK
 
-    if not json_:
-        from rich.table import Table
 
-        table = Table(show_lines=False)
-        table.add_column("input", overflow="fold")
-        table.add_column("task")
-        table.add_column("M", justify="right")
-        table.add_column(f"top-{top_k}", overflow="fold")
-        for res in results:
-            if res.ok:
-                table.add_row(_escape(res.input), _escape(res.task), f"{res.weight:.3f}",
-                              _escape(_format_top(res.top_k)))
-            else:
-                table.add_row(_escape(res.input), "[red]error[/red]", "", f"[red]{_escape(res.error)}[/red]")
-        out.print(table)
-    if n_failed and not quiet:
-        err.print(f"{n_failed} of {len(entries)} inputs failed", markup=False)
-    return EXIT_FAILED_INPUTS if n_failed else EXIT_OK
+def open_predictor(runtime: RuntimeOptions, job: PredictJob) -> "Predictor":
+    """The model folder opened with the run's settings, checked for what the job asks of it."""
+    from diki_edge_runtime.errors import DikiEdgeError
+
+    predictor = runtime.open()
+    if job.embeddings and not predictor.has_frozen_embeds:
+        raise DikiEdgeError(f"{runtime.model}: the model folder was exported before the frozen (pass-1) embedding "
+                            "was a graph output; re-export it with `diki-edge export` to use --embeddings")
+    return predictor
+
+
+def _print_setup(err, model: Path, predictor: "Predictor") -> None:
+    info = predictor.info()
+    err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
+              f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
+    for note in info["provider_notes"]:
+        err.print(f"note: {note}", markup=False)
+
+
+class Progressbar:
+    """A transient rich progress bar on stderr (shown when there is more than one batch)."""
+
+    def __init__(self, console, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        # rich redirects sys.stdout into its live display by default: on a terminal the --json lines would go to
+        # the terminal instead of stdout
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True, redirect_stdout=False,
+                                 redirect_stderr=False)
+        self.progress.start()
+        self.bar = self.progress.add_task("predicting", total=total)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.bar, n)
+
+    def stop(self) -> None:
+        self.progress.stop()
 
 
 class LabelProgress:
@@ -367,23 +441,54 @@ class LabelProgress:
         self.bar, self.started = None, 0.0
 
 
-def check_predict_options(inputs: list[str], *, top_k: int, batch_size: int, threads: Optional[int],
-                          workers: Optional[int], quiet: bool, verbose: bool) -> None:
-    """The option checks that need no file: a :class:`UsageError` (exit 2) naming the bad option."""
-    from diki_edge_runtime.errors import UsageError
-    from diki_edge_runtime.session import max_threads
+class JsonSink:
+    """``--json``: one line per result on stdout, flushed as it is written."""
 
-    if not inputs:
-        raise UsageError("no inputs given")
-    if top_k < 1 or batch_size < 1 or (threads is not None and threads < 1):
-        raise UsageError("--top-k, --batch-size and --threads must be >= 1")
-    if workers is not None and workers < 0:
-        raise UsageError("--workers must be >= 0")
-    if threads is not None and threads > max_threads():
-        raise UsageError(f"--threads {threads} is more than this machine's {os.cpu_count() or 1} cores x 4 = "
-                         f"{max_threads()}")
-    if quiet and verbose:
-        raise UsageError("--quiet and --verbose contradict each other")
+    def __init__(self, embeddings: bool):
+        self.embeddings = embeddings
+        self.failed = 0
+
+    def emit(self, res: "Prediction") -> None:
+        self.failed += not res.ok
+        line = json.dumps(res.to_json(embeddings=self.embeddings), ensure_ascii=False, allow_nan=False)
+        try:
+            sys.stdout.write(line + "\n")
+        except UnicodeEncodeError:  # a stdout that cannot encode every character (LANG=C on old Pythons)
+            sys.stdout.write(json.dumps(res.to_json(embeddings=self.embeddings), allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class TableSink:
+    """The default output: one table of every result, printed at the end."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+        self.results: list["Prediction"] = []
+        self.failed = 0
+
+    def emit(self, res: "Prediction") -> None:
+        self.failed += not res.ok
+        self.results.append(res)
+
+    def close(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_lines=False)
+        table.add_column("input", overflow="fold")
+        table.add_column("task")
+        table.add_column("M", justify="right")
+        table.add_column(f"top-{self.top_k}", overflow="fold")
+        for res in self.results:
+            if res.ok:
+                table.add_row(_escape(res.input), _escape(res.task), f"{res.weight:.3f}",
+                              _escape(_format_top(res.top_k)))
+            else:
+                table.add_row(_escape(res.input), "[red]error[/red]", "", f"[red]{_escape(res.error)}[/red]")
+        Console(highlight=False).print(table)
 
 
 def _escape(text: str | None) -> str:

@@ -69,7 +69,7 @@ from diki_edge_runtime.pipeline import check_workers, default_workers, ordered_m
 from diki_edge_runtime.preprocess import Preprocess
 from diki_edge_runtime.providers import short_name
 from diki_edge_runtime.reading import file_identity
-from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, Session, numpy_dtype
+from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, BankHandle, SessionSettings, numpy_dtype
 from diki_edge_runtime.text import TextEncoder, text_files
 
 REEXPORT = ("was exported before diki-edge had a text encoder (no text section in its manifest); re-export it "
@@ -138,6 +138,18 @@ def json_text(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class PredictorSettings:
+    """Every option of a :class:`Predictor` but the bank, built once (by the CLI's and the server's options) and
+    passed down: ``session`` to the image and text sessions alike (field meanings: :meth:`Predictor.__init__`)."""
+
+    session: SessionSettings = SessionSettings()
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    workers: int | None = None
+    fast_decode: bool = False
+    label_cache_bytes: int = DEFAULT_LABEL_CACHE_BYTES
+
+
+@dataclass(frozen=True)
 class _BankState:
     bank: TaskBank
     handle: BankHandle
@@ -162,12 +174,15 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, provider: str | Sequence[str] = "cpu",
                  threads: int | None = None, bank: str | os.PathLike | TaskBank | None = None, *,
+                 settings: PredictorSettings | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, device_id: int = 0, io_binding: bool | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None, low_memory: bool = False,
                  workers: int | None = None, fast_decode: bool = False,
                  log_severity: int = DEFAULT_LOG_SEVERITY, label_cache_bytes: int = DEFAULT_LABEL_CACHE_BYTES):
         """Open an exported model folder.
 
+        ``settings``: every option below as one :class:`PredictorSettings` (what ``diki-edge predict`` and
+        ``diki-edge serve`` build from their options); give it or the keyword options, not both.
         ``provider``: an execution provider name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``,
         ``rocm``, ``migraphx``, ``dml`` or an ONNX Runtime id) or a fall-back chain written out
         (``"tensorrt,cuda,cpu"``); one that cannot run is an error, never a silent CPU run
@@ -184,13 +199,22 @@ class Predictor:
         cached text tables of label sets (per bank, LRU; labels.py).
         Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
         """
+        session = SessionSettings(provider if isinstance(provider, str) else tuple(provider), threads, device_id,
+                                  io_binding, provider_options, low_memory, log_severity)
+        given = PredictorSettings(session, max_pixels, workers, fast_decode, label_cache_bytes)
+        if settings is not None and given != PredictorSettings():
+            raise TypeError("Predictor takes settings=PredictorSettings(...) or keyword options, not both")
+        self.settings = given if settings is None else settings
+        self._open(Path(model_dir), self.settings, bank)
+
+    def _open(self, model_dir: Path, settings: PredictorSettings, bank: str | os.PathLike | TaskBank | None) -> None:
         try:
-            self.workers = default_workers() if workers is None else check_workers(workers)
+            self.workers = default_workers() if settings.workers is None else check_workers(settings.workers)
         except ValueError as exc:
             raise RuntimeSetupError(str(exc)) from None
-        self.fast_decode = bool(fast_decode)
+        self.fast_decode = bool(settings.fast_decode)
         self._draft = None  # set below once the preprocessing config is read
-        self.model_dir = Path(model_dir)
+        self.model_dir = model_dir
         if not self.model_dir.is_dir():
             what = "is not a folder" if os.path.lexists(self.model_dir) else "model folder not found"
             raise RuntimeSetupError(f"{self.model_dir}: {what}")
@@ -202,10 +226,8 @@ class Predictor:
         self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in INPUT_NAMES}
         self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
         self._draft = self.preprocess.draft_size if self.fast_decode else None
-        self.max_pixels = max_pixels
-        self.session = Session(self.model_dir / MODEL_FILE, provider=provider, threads=threads, device_id=device_id,
-                               io_binding=io_binding, provider_options=provider_options, low_memory=low_memory,
-                               log_severity=log_severity)
+        self.max_pixels = settings.max_pixels
+        self.session = settings.session.open(self.model_dir / MODEL_FILE)
         self.session.require(INPUT_NAMES, REQUIRED_OUTPUT_NAMES, f"{self.model_dir / MODEL_FILE}: graph")
         for name in INPUT_NAMES:
             if self.session.input_dtype(name) != self._dtypes[name]:
@@ -216,13 +238,11 @@ class Predictor:
             raise RuntimeSetupError(f"{self.model_dir}: preprocess.json size {list(self.preprocess.size)} does not "
                                     f"match the graph's pixel_values {graph_hw}")
         self._lock = threading.Lock()
-        self._text_args = dict(provider=provider, threads=threads, device_id=device_id,
-                               provider_options=provider_options, low_memory=low_memory, log_severity=log_severity)
         self._text: TextEncoder | None = None  # opened on first use: image-only callers never pay for it
         # what the text files are now, beside the image graph just opened: a text graph opened later must be the
         # same files (a folder re-exported meanwhile would pair the new text graph with the old image graph)
         self._text_identity = self._text_files_identity()
-        self.label_cache_bytes = int(label_cache_bytes)
+        self.label_cache_bytes = int(settings.label_cache_bytes)
         self._state: _BankState | None = None
         self.load_bank(bank if bank is not None else self.model_dir / BANK_FILE)
 
@@ -335,7 +355,7 @@ class Predictor:
                             f"{self.model_dir}: the text graph or tokenizer changed since this predictor opened the "
                             "model folder (re-exported?); it would not match the image graph in use: open the "
                             "folder again (a new Predictor, or restart the command)")
-                    self._text = TextEncoder(self.model_dir, self.manifest.text, **self._text_args)
+                    self._text = TextEncoder(self.model_dir, self.manifest.text, self.settings.session)
         return self._text
 
     def _text_files_identity(self) -> tuple | None:

@@ -134,6 +134,27 @@ class BankHandle:
         return bool(self.device)
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """How every ONNX Runtime session of a model folder is opened (the image graph's and the text graph's alike):
+    built once from the caller's options and passed down unchanged (see :class:`Session` for each field)."""
+
+    provider: str | tuple[str, ...] = "cpu"
+    threads: int | None = None
+    device_id: int = 0
+    io_binding: bool | None = None  # the image graph's only: the text graph never binds (see text.py)
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None
+    low_memory: bool = False
+    log_severity: int = DEFAULT_LOG_SEVERITY
+
+    def open(self, model_path: str | os.PathLike, *, io_binding: bool | None = None) -> "Session":
+        """A :class:`Session` for ``model_path`` with these settings (``io_binding`` overrides the field)."""
+        return Session(model_path, self.provider, self.threads, self.device_id,
+                       self.io_binding if io_binding is None else io_binding,
+                       provider_options=self.provider_options, low_memory=self.low_memory,
+                       log_severity=self.log_severity)
+
+
 class Session:
     """An ONNX Runtime session for one exported graph on one execution provider."""
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from diki_edge_runtime.contract import MANIFEST_FILE, TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, TextSection
 from diki_edge_runtime.errors import RuntimeSetupError
 from diki_edge_runtime.reading import folder_file
-from diki_edge_runtime.session import DEFAULT_LOG_SEVERITY, Session
+from diki_edge_runtime.session import SessionSettings
 from diki_edge_runtime.tokenizer import ClipTokenizer, TokenizerSpec
 
 TEXT_BATCH = 64  # prompts per text-graph run
@@ -57,18 +57,14 @@ def text_files(model_dir: Path, section: TextSection) -> tuple[Path, Path]:
 class TextEncoder:
     """``text.onnx`` and its tokenizer, opened from a model folder's manifest ``text`` section."""
 
-    def __init__(self, model_dir: str | os.PathLike, section: TextSection, provider: str | Sequence[str] = "cpu",
-                 threads: int | None = None, device_id: int = 0, *,
-                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, low_memory: bool = False,
-                 log_severity: int = DEFAULT_LOG_SEVERITY):
-        """The session settings are the image graph's (``Predictor``'s arguments)."""
+    def __init__(self, model_dir: str | os.PathLike, section: TextSection,
+                 settings: SessionSettings = SessionSettings()):
+        """``settings``: the image graph's session settings (``Predictor``'s); IO binding is always off here."""
         model_dir = Path(model_dir)
         source = str(model_dir / MANIFEST_FILE)
         model_path, tokenizer_path = text_files(model_dir, section)
         self.tokenizer = ClipTokenizer.from_file(tokenizer_path, TokenizerSpec.from_json(section.tokenizer, source))
-        self.session = Session(model_path, provider=provider, threads=threads,
-                               device_id=device_id, io_binding=False, provider_options=provider_options,
-                               low_memory=low_memory, log_severity=log_severity)
+        self.session = settings.open(model_path, io_binding=False)
         self.session.require(TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, f"{model_path}: text graph")
         graph_context = self.session.input_shapes[TEXT_INPUT_NAMES[0]][1]
         self.dynamic_length = not isinstance(graph_context, int)
