@@ -71,8 +71,27 @@ class TextEncoder:
         if not self.dynamic_length and graph_context != self.tokenizer.context_length:
             raise RuntimeSetupError(f"{source}: text.tokenizer.context_length is {self.tokenizer.context_length} but "
                                     f"the text graph {model_path.name} takes {graph_context} tokens per prompt")
+        if self.dynamic_length:
+            self._probe_full_length(f"{source}: text.tokenizer.context_length is {self.tokenizer.context_length} but "
+                                    f"the text graph {model_path.name} does not take that many tokens per prompt")
         self.prompts_encoded = 0
         self._count = threading.Lock()
+
+    def _probe_full_length(self, message: str) -> None:
+        """One blank prompt of the tokenizer's full context length through a dynamic-length graph: a manifest whose
+        context length exceeds the graph's positional embedding is a setup error now, not an ONNX Runtime error
+        on the first long prompt."""
+        shapes = self.session.input_shapes
+        feeds = {TEXT_INPUT_NAMES[0]: np.zeros((1, self.tokenizer.context_length), np.int64)}
+        for name in TEXT_INPUT_NAMES[1:3]:  # the text bank: one task of zeros (the branch adds nothing)
+            dims = [d if isinstance(d, int) else 1 for d in shapes[name]]
+            feeds[name] = np.zeros(dims, self.session.input_dtype(name))
+        feeds[TEXT_INPUT_NAMES[3]] = np.zeros(1, np.int64)
+        feeds[TEXT_INPUT_NAMES[4]] = np.zeros(1, self.session.input_dtype(TEXT_INPUT_NAMES[4]))
+        try:
+            self.session.run_feeds(feeds)
+        except Exception:  # noqa: BLE001 - ONNX Runtime's own error types; the message says what is wrong
+            raise RuntimeSetupError(message) from None
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         """``[N, context_length]`` int64 token ids (identical to the backbone's open_clip tokenizer)."""

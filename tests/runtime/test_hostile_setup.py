@@ -97,7 +97,7 @@ def test_option_files_that_are_not_regular_files_are_usage_errors(tmp_path):
 
 # ---------------------------------------------------------------------------- manifest checks
 @pytest.mark.parametrize("field, value, message", [
-    ("context_length", 5, "takes 16 tokens per prompt"),
+    ("context_length", 64, "does not take that many tokens per prompt"),  # the graph's positional embedding: 16
     ("context_length", 10**9, "context_length must be within 2 .. 4096"),
     ("eot_token_id", 10**6, "eot_token_id 1000000 is outside this tokenizer's vocabulary"),
     ("sot_token_id", -1, "sot_token_id -1 is outside"),
