@@ -234,7 +234,7 @@ class World:
         """The random weights as a safetensors checkpoint, as a user of the PyTorch path would load them."""
         path = self.dir / "weights.safetensors"
         if not path.is_file():
-            from diki_edge_export.exporter import unwrapped_copy
+            from diki_edge.model import unwrapped_copy
             from safetensors.torch import save_file
 
             clip = unwrapped_copy(self.backbone.model)
@@ -253,7 +253,7 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
 
     import torch
     import torch.nn.functional as F
-    from diki_edge_export.exporter import unwrapped_copy
+    from diki_edge.model import unwrapped_copy
     from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
     from torch import nn
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -142,3 +144,123 @@ def optimizer_from_parts(opt: torch.optim.Optimizer, meta: dict[str, Any], tenso
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---- the run's state, owning its own keys both ways (tensors + JSON) and vetting a file before it is used
+def _bad(field_name: str, why: str) -> TrainError:
+    return TrainError(f"checkpoint field {field_name!r} {why}; delete the checkpoint to start the task again")
+
+
+def _tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+            ) -> torch.Tensor:
+    value = tensors.get(name)
+    if value is None:
+        raise _bad(name, "is missing")
+    if value.dtype != dtype or (shape is not None and tuple(value.shape) != shape):
+        raise _bad(name, f"is {value.dtype} {tuple(value.shape)}, expected {dtype} {shape or '(any shape)'}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise _bad(name, "holds non-finite values")
+    return value
+
+
+def _integer(meta: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = meta.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(name, f"must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run starts from. :meth:`to_parts` writes it as (JSON metadata, tensors);
+    :meth:`from_parts` reads it back, refusing any field that is missing, of the wrong type, shape or range, or
+    non-finite with a :class:`~diki_edge.errors.TrainError` naming the field (a tampered or truncated file never
+    reaches torch as a RuntimeError, nor trains a NaN run)."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # {"param_groups": ..., "scalars": ...} (see optimizer_to_parts)
+    optimizer_tensors: dict[str, torch.Tensor]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng_sampler: torch.Tensor
+    rng_torch: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    stats_count: int
+    stats_sum: torch.Tensor
+    stats_outer: torch.Tensor
+    epoch: int
+    batches_done: int
+    global_step: int
+    carry: list[float]
+    failures: list[tuple[int, str]]
+
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {f"adapter.{k}": v for k, v in self.adapter.items()}
+        tensors.update(self.optimizer_tensors)
+        tensors["rng.sampler"] = self.rng_sampler
+        tensors["rng.torch"] = self.rng_torch
+        if self.rng_cuda is not None:
+            tensors["rng.cuda"] = self.rng_cuda
+        tensors["stats.count"] = torch.tensor([self.stats_count], dtype=torch.int64)
+        tensors["stats.sum"] = self.stats_sum
+        tensors["stats.outer"] = self.stats_outer
+        meta = {"epoch": self.epoch, "batches_done": self.batches_done, "global_step": self.global_step,
+                "carry": self.carry, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler, "failures": [list(f) for f in self.failures]}
+        return meta, tensors
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *, adapter: dict[str, torch.Tensor],
+                   embed_dim: int, samples: int, epochs: int) -> "RunState":
+        """Read and vet a checkpoint's content against the run it is resumed into: ``adapter`` (the fresh
+        adapter's state dict: names, shapes, dtypes), the embedding dimension, the number of samples and epochs."""
+        weights = {k: _tensor(tensors, f"adapter.{k}", v.dtype, tuple(v.shape)) for k, v in adapter.items()}
+        rng_len = torch.get_rng_state().numel()
+        rng_sampler = _tensor(tensors, "rng.sampler", torch.uint8, (rng_len,))
+        rng_torch = _tensor(tensors, "rng.torch", torch.uint8, (rng_len,))
+        rng_cuda = _tensor(tensors, "rng.cuda", torch.uint8) if "rng.cuda" in tensors else None
+        count = int(_tensor(tensors, "stats.count", torch.int64, (1,)).item())
+        if not 2 <= count <= samples:
+            raise _bad("stats.count", f"must be in [2, {samples}] (the task's images), got {count}")
+        stats_sum = _tensor(tensors, "stats.sum", torch.float64, (embed_dim,))
+        stats_outer = _tensor(tensors, "stats.outer", torch.float64, (embed_dim, embed_dim))
+        epoch = _integer(meta, "epoch", 0, epochs - 1)
+        batches_done = _integer(meta, "batches_done", 0, samples)
+        global_step = _integer(meta, "global_step", 0, epochs * samples)
+        carry = meta.get("carry")
+        if (not isinstance(carry, list) or len(carry) != 4
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in carry)
+                or min(carry[1:]) < 0 or carry[1] > batches_done or carry[2] > carry[3]):
+            raise _bad("carry", f"must be [loss sum, batches <= batches_done, correct <= seen, seen], got {carry!r}")
+        failures = _failures(meta.get("failures"), samples)
+        optimizer = meta.get("optimizer")
+        if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list)
+                or not isinstance(optimizer.get("scalars"), dict)):
+            raise _bad("optimizer", "must hold 'param_groups' (a list) and 'scalars' (an object)")
+        opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        for name, value in opt_tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise _bad(name, "holds non-finite values")
+        scheduler, scaler = meta.get("scheduler"), meta.get("scaler")
+        if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != global_step:
+            raise _bad("scheduler", f"must be a scheduler state at step {global_step} (the checkpoint's global_step)")
+        if scaler is not None and not isinstance(scaler, dict):
+            raise _bad("scaler", "must be a gradient-scaler state or null")
+        return cls(weights, optimizer, opt_tensors, scheduler, scaler, rng_sampler, rng_torch, rng_cuda, count,
+                   stats_sum, stats_outer, epoch, batches_done, global_step, list(carry), failures)
+
+
+def _failures(value: Any, samples: int) -> list[tuple[int, str]]:
+    if not isinstance(value, list) or not all(
+            isinstance(f, list) and len(f) == 2 and isinstance(f[0], int) and not isinstance(f[0], bool)
+            and 0 <= f[0] < samples and isinstance(f[1], str) for f in value):
+        raise _bad("failures", f"must be a list of [sample index < {samples}, reason]")
+    return [(int(i), why) for i, why in value]
+
+
+def load_into(what: str, load: Callable[[], None]) -> None:
+    """Run a torch ``load_state_dict`` and turn its errors into a :class:`TrainError` naming the field."""
+    try:
+        load()
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise _bad(what, f"does not fit this run ({type(exc).__name__}: {exc})") from None

@@ -19,6 +19,7 @@ in :mod:`diki_edge_runtime.bank`, gathered per sample in :mod:`diki_edge.calibra
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def _inject(blocks: nn.ModuleList, depth: int, slot: ResidualSlot) -> list[Resid
         block.attn = wrapper
         wrappers.append(wrapper)
     return wrappers
+
+
+
+def unwrapped_copy(clip: nn.Module) -> nn.Module:
+    """A deep copy of an open_clip CLIP with any injected residual wrappers removed: the inverse of the wrapping
+    :class:`DikiCLIP` does (``_inject``), kept beside it so the two cannot drift apart."""
+    clip = copy.deepcopy(clip)
+    for blocks in (clip.visual.transformer.resblocks, _text_transformer(clip).resblocks):
+        for block in blocks:
+            if isinstance(getattr(block, "attn", None), ResidualKVAttention):
+                block.attn = block.attn.frozen
+    return clip
 
 
 @dataclass(frozen=True)

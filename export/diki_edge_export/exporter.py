@@ -40,7 +40,6 @@ Decisions (also in the README's architecture section):
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -131,18 +130,6 @@ def preprocess_json(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def unwrapped_copy(clip):
-    """A deep copy of an open_clip CLIP with any previously injected residual wrappers removed."""
-    from diki_edge.model import ResidualKVAttention, _text_transformer
-
-    clip = copy.deepcopy(clip)
-    for blocks in (clip.visual.transformer.resblocks, _text_transformer(clip).resblocks):
-        for block in blocks:
-            if isinstance(getattr(block, "attn", None), ResidualKVAttention):
-                block.attn = block.attn.frozen
-    return clip
-
-
 def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
     from diki_edge.backbone import (
         Backbone,
@@ -161,6 +148,7 @@ def _load_backbone(bank, model: str | None, pretrained: str | None, backbone):
             backbone = load_backbone(model or spec["model"], pretrained)
     elif not isinstance(backbone, Backbone):
         raise ExportError(f"backbone must be a diki_edge.backbone.Backbone, got {type(backbone).__name__}")
+    from diki_edge.model import unwrapped_copy
     clip = unwrapped_copy(backbone.model).eval()
     digest = weights_hash(clip)
     if digest != bank.layout.backbone_hash:
