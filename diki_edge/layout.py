@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from diki_edge_runtime.bank import BankLayout
+from diki_edge_runtime.bank import BANK_LAYOUT_DIMS, BankLayout
 from diki_edge_runtime.gaussian import DEFAULT_RIDGE
 
 from diki_edge.backbone import Backbone
@@ -17,12 +17,8 @@ def layout_for(backbone: Backbone, diki: DikiCLIP, levels: Sequence[float] | Non
     s = diki.shape
     return BankLayout(
         backbone={**backbone.spec, "weights_sha256": backbone.weights_sha256},
-        image_layers=s.image_layers,
-        text_layers=s.text_layers,
-        residual_length=s.residual_length,
-        image_width=s.image_width,
-        text_width=s.text_width,
-        embed_dim=s.embed_dim,
+        # The adapter's shape fields are the bank's array dimensions (contract.BANK_ARRAYS, bank.BANK_LAYOUT_DIMS).
+        **{dim: int(getattr(s, dim)) for dim in BANK_LAYOUT_DIMS},
         calibration_levels=list(levels) if levels is not None else calibration_levels(),
         ridge=float(ridge),
         logit_scale=diki.logit_scale,

@@ -3,7 +3,8 @@
 A bank is what training produces and what the exported graph and the runtime consume. DIKI tasks are
 independent (each has its own slice, nothing is shared), so banks trained separately merge without retraining.
 
-Arrays (names are those of the graph inputs where the graph consumes them, :mod:`diki_edge_runtime.contract`):
+Arrays (declared once in :data:`diki_edge_runtime.contract.BANK_ARRAYS`; names are those of the graph inputs
+where the graph consumes them):
 
 ==================  =========================  =====================================================
 name                shape / dtype              meaning
@@ -47,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.contract import BANK_ARRAYS, DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import BankError, DikiEdgeError
 from diki_edge_runtime.files import WriteError, atomic_write
 from diki_edge_runtime.gaussian import GaussianScoring, GaussianStats
@@ -55,39 +56,18 @@ from diki_edge_runtime.schema import bank_layout, bank_metadata
 
 FORMAT_VERSION = 1
 METADATA_KEY = "diki_edge"
+# BankLayout fields that are array dimensions (contract.BANK_ARRAYS dims besides tasks, classes, levels).
+BANK_LAYOUT_DIMS = ("image_layers", "text_layers", "residual_length", "image_width", "text_width", "embed_dim")
 
+# Every name, shape and dtype comes from the contract's one declaration (contract.BANK_ARRAYS).
 # Arrays with a leading task axis; everything in a task's slice.
-TASK_ARRAYS = (
-    "bank_k",
-    "bank_v",
-    "text_k",
-    "text_v",
-    "gauss_mean",
-    "gauss_whiten",
-    "gauss_const",
-    "stats_count",
-    "stats_sum",
-    "stats_outer",
-)
-CLASS_ARRAYS = ("class_embeds", "class_task")
+TASK_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.role == "task")
+CLASS_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.role == "class")
 # What the exported graph consumes; a runtime loads only these (``TaskBank.load(..., graph_only=True)``).
-GRAPH_ARRAYS = ("bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds", "class_task")
+GRAPH_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.consumer == "graph")
 # What the text graph consumes besides prompts: loaded with the graph arrays when labels may be encoded.
-TEXT_GRAPH_ARRAYS = ("text_k", "text_v")
-ARRAY_DTYPES = {
-    "bank_k": np.float32,
-    "bank_v": np.float32,
-    "text_k": np.float32,
-    "text_v": np.float32,
-    "gauss_mean": np.float32,
-    "gauss_whiten": np.float32,
-    "gauss_const": np.float32,
-    "stats_count": np.int64,
-    "stats_sum": np.float64,
-    "stats_outer": np.float64,
-    "class_embeds": np.float32,
-    "class_task": np.int64,
-}
+TEXT_GRAPH_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.consumer == "text_graph")
+ARRAY_DTYPES = {s.name: np.dtype(s.dtype) for s in BANK_ARRAYS}
 
 
 @dataclass
@@ -139,15 +119,10 @@ class BankLayout:
         return cls(**{k: checked[k] for k in cls.__dataclass_fields__})
 
     def shapes(self, tasks: int, classes: int) -> dict[str, tuple[int, ...]]:
-        t, d, g = tasks, self.embed_dim, len(self.calibration_levels)
-        img = (t, self.image_layers, self.residual_length, self.image_width)
-        txt = (t, self.text_layers, self.residual_length, self.text_width)
-        return {
-            "bank_k": img, "bank_v": img, "text_k": txt, "text_v": txt,
-            "gauss_mean": (t, d), "gauss_whiten": (t, d, d), "gauss_const": (t,),
-            "stats_count": (t,), "stats_sum": (t, d), "stats_outer": (t, d, d),
-            "class_embeds": (g, classes, d), "class_task": (classes,),
-        }
+        """Every bank array's shape (``contract.BANK_ARRAYS`` dims resolved) for ``tasks`` tasks and ``classes``."""
+        sizes = {"tasks": tasks, "classes": classes, "levels": len(self.calibration_levels),
+                 **{k: int(getattr(self, k)) for k in BANK_LAYOUT_DIMS}}
+        return {spec.name: tuple(sizes[d] for d in spec.dims) for spec in BANK_ARRAYS}
 
     def task_bytes(self, classes: int) -> int:
         """Bytes one more task with ``classes`` classes adds to a bank's arrays."""
@@ -164,7 +139,7 @@ class BankLayout:
             return (f"backbone weights differ (hash {other.backbone_hash[:12]} vs expected "
                     f"{self.backbone_hash[:12]}; model {other.backbone.get('model')!r} vs "
                     f"{self.backbone.get('model')!r})")
-        for key in ("image_layers", "text_layers", "residual_length", "image_width", "text_width", "embed_dim"):
+        for key in BANK_LAYOUT_DIMS:
             if getattr(self, key) != getattr(other, key):
                 return f"{key} differs ({getattr(other, key)} vs expected {getattr(self, key)})"
         mine, theirs = list(self.calibration_levels), list(other.calibration_levels)

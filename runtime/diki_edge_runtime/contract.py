@@ -59,21 +59,67 @@ class TensorSpec:
     required: bool = True  # False: added later; folders exported before it lack it and still load
 
 
+# The bank's arrays, declared once (llama.cpp's gguf-py does the same for tensor names): the bank
+# (``diki_edge_runtime.bank``), its shapes (``BankLayout.shapes``), the graph inputs below and the training
+# shapes all derive from this table. ``role``: "task" arrays have a leading task axis, "class" arrays a class axis
+# (``class_embeds`` a leading levels axis, then classes). ``consumer``: "graph" arrays are inputs of the image
+# graph, "text_graph" ones of the text graph, "training" ones are kept only to re-finalise or merge tasks.
+BANK_K = "bank_k"
+BANK_V = "bank_v"
+TEXT_K = "text_k"
+TEXT_V = "text_v"
+GAUSS_MEAN = "gauss_mean"
+GAUSS_WHITEN = "gauss_whiten"
+GAUSS_CONST = "gauss_const"
+STATS_COUNT = "stats_count"
+STATS_SUM = "stats_sum"
+STATS_OUTER = "stats_outer"
+CLASS_EMBEDS = "class_embeds"
+CLASS_TASK = "class_task"
+
+
+@dataclass(frozen=True)
+class BankArraySpec:
+    name: str
+    role: str  # "task" | "class"
+    dims: tuple[str, ...]  # symbolic: DYNAMIC_DIMS or a BankLayout field name
+    dtype: str  # numpy dtype name: "float32" | "float64" | "int64"
+    consumer: str  # "graph" | "text_graph" | "training"
+    doc: str = ""
+
+
+_IMAGE_ADAPTER = ("tasks", "image_layers", "residual_length", "image_width")
+_TEXT_ADAPTER = ("tasks", "text_layers", "residual_length", "text_width")
+BANK_ARRAYS: tuple[BankArraySpec, ...] = (
+    BankArraySpec(BANK_K, "task", _IMAGE_ADAPTER, "float32", "graph", "image-encoder residual keys"),
+    BankArraySpec(BANK_V, "task", _IMAGE_ADAPTER, "float32", "graph", "image-encoder residual values"),
+    BankArraySpec(TEXT_K, "task", _TEXT_ADAPTER, "float32", "text_graph",
+                  "text-encoder residual keys of every task (the bank's text_k)"),
+    BankArraySpec(TEXT_V, "task", _TEXT_ADAPTER, "float32", "text_graph",
+                  "text-encoder residual values of every task (the bank's text_v)"),
+    BankArraySpec(GAUSS_MEAN, "task", ("tasks", "embed_dim"), "float32", "graph", "task means"),
+    BankArraySpec(GAUSS_WHITEN, "task", ("tasks", "embed_dim", "embed_dim"), "float32", "graph",
+                  "W with W Sigma W^T = I (computed offline in float64)"),
+    BankArraySpec(GAUSS_CONST, "task", ("tasks",), "float32", "graph", "-0.5 (D log 2pi + log|Sigma|)"),
+    BankArraySpec(STATS_COUNT, "task", ("tasks",), "int64", "training", "images the task's Gaussian was fitted on"),
+    BankArraySpec(STATS_SUM, "task", ("tasks", "embed_dim"), "float64", "training", "sum of the embeddings"),
+    BankArraySpec(STATS_OUTER, "task", ("tasks", "embed_dim", "embed_dim"), "float64", "training",
+                  "sum of the embeddings' outer products"),
+    BankArraySpec(CLASS_EMBEDS, "class", ("levels", "classes", "embed_dim"), "float32", "graph",
+                  "class text embeddings at the calibration levels of M"),
+    BankArraySpec(CLASS_TASK, "class", ("classes",), "int64", "graph", "task index of each class"),
+)
+BANK_ARRAY_NAMES: tuple[str, ...] = tuple(s.name for s in BANK_ARRAYS)
+
+
+def _bank_inputs(consumer: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.dims, s.dtype, s.doc) for s in BANK_ARRAYS if s.consumer == consumer)
+
+
 GRAPH_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("pixel_values", ("batch", 3, "pixel_height", "pixel_width"), "float32",
                "preprocessed images (preprocess.json)"),
-    TensorSpec("bank_k", ("tasks", "image_layers", "residual_length", "image_width"), "float32",
-               "image-encoder residual keys"),
-    TensorSpec("bank_v", ("tasks", "image_layers", "residual_length", "image_width"), "float32",
-               "image-encoder residual values"),
-    TensorSpec("gauss_mean", ("tasks", "embed_dim"), "float32", "task means"),
-    TensorSpec("gauss_whiten", ("tasks", "embed_dim", "embed_dim"), "float32",
-               "W with W Sigma W^T = I (computed offline in float64)"),
-    TensorSpec("gauss_const", ("tasks",), "float32", "-0.5 (D log 2pi + log|Sigma|)"),
-    TensorSpec("class_embeds", ("levels", "classes", "embed_dim"), "float32",
-               "class text embeddings at the calibration levels of M"),
-    TensorSpec("class_task", ("classes",), "int64", "task index of each class"),
-)
+) + _bank_inputs("graph")
 
 GRAPH_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("logits", ("batch", "classes"), "float32", "class scores; -inf for classes of other tasks"),
@@ -93,10 +139,7 @@ TEXT_GRAPH_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_tokens", ("prompts", "text_length"), "int64",
                "token ids (tokenizer.json, zero-padded), cut to any length up to the context length that keeps "
                "every prompt's end-of-text token (diki_edge_runtime.text.trimmed_length)"),
-    TensorSpec("text_k", ("tasks", "text_layers", "residual_length", "text_width"), "float32",
-               "text-encoder residual keys of every task (the bank's text_k)"),
-    TensorSpec("text_v", ("tasks", "text_layers", "residual_length", "text_width"), "float32",
-               "text-encoder residual values of every task (the bank's text_v)"),
+) + _bank_inputs("text_graph") + (
     TensorSpec("prompt_task", ("prompts",), "int64", "task whose text adapter encodes each prompt"),
     TensorSpec("prompt_weight", ("prompts",), "float32", "M of each prompt (0: the frozen text encoder)"),
 )
