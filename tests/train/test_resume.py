@@ -144,3 +144,48 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, digits, tiny_model_spe
     with pytest.raises(TrainError, match="not a readable diki-edge checkpoint"):
         train_into_bank(bank_path, digits, "t", model=tiny_model_spec, cfg=CFG, quiet=True, options=resume)
     assert not bank_path.exists()
+
+
+@pytest.mark.parametrize("tamper, field", [
+    (lambda meta, tensors: meta.__setitem__("epoch", 10**9), "'epoch' must be an integer in"),
+    (lambda meta, tensors: meta.__setitem__("carry", [0.0, 10**6, 0, 0]), "'carry' must be"),
+    (lambda meta, tensors: meta.__setitem__("failures", [[10**6, "x"]]), "'failures' must be"),
+    (lambda meta, tensors: tensors.__setitem__("rng.torch", tensors["rng.torch"][:10].clone()), "'rng.torch' is"),
+    (lambda meta, tensors: tensors.__setitem__("stats.sum", torch.full_like(tensors["stats.sum"], float("nan"))),
+     "'stats.sum' holds non-finite values"),
+    (lambda meta, tensors: [tensors.__setitem__(k, v[..., :1].clone()) for k, v in list(tensors.items())
+                            if k.startswith("adapter.")], "'adapter."),
+])
+def test_a_tampered_checkpoint_is_refused_naming_the_field(tmp_path, digits, tiny_model_spec, monkeypatch,
+                                                           tamper, field):
+    """Every field of a checkpoint is vetted before it reaches torch: a tampered one is a TrainError naming the
+    field (it was a RuntimeError/TypeError traceback, or for epoch=10**9 a bank trained on nothing, "nan%")."""
+    from safetensors.torch import load_file, save_file
+
+    step = EpochLoop._step
+    calls = {"n": 0}
+
+    def stopping_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Interrupted
+        step(self, batch)
+
+    monkeypatch.setattr(EpochLoop, "_step", stopping_step)
+    bank_path = tmp_path / "bank.safetensors"
+    with pytest.raises(Interrupted):
+        train_into_bank(bank_path, digits, "t", model=tiny_model_spec, cfg=CFG, quiet=True,
+                        options=RunOptions(device="cpu", checkpoint_every=EVERY))
+    monkeypatch.setattr(EpochLoop, "_step", step)
+    checkpoint = tmp_path / "bank.safetensors.t.checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as fh:
+        metadata = dict(fh.metadata())
+    tensors = load_file(str(checkpoint))
+    meta = json.loads(metadata[METADATA_KEY])
+    tamper(meta, tensors)
+    metadata[METADATA_KEY] = json.dumps(meta)
+    save_file(tensors, str(checkpoint), metadata=metadata)
+    with pytest.raises(TrainError, match="checkpoint field " + field.replace("(", r"\(")):
+        train_into_bank(bank_path, digits, "t", model=tiny_model_spec, cfg=CFG, quiet=True,
+                        options=RunOptions(device="cpu", checkpoint_every=EVERY, resume=True))
+    assert not bank_path.exists()
