@@ -86,6 +86,32 @@ def _zero_shot(tasks) -> dict[str, float]:
     return out
 
 
+DEMO_MARKER = ".diki-edge-demo"  # written into every demo output folder: only such a folder is ever emptied
+
+
+def prepare_demo_folder(out: Path) -> None:
+    """An empty ``out`` with the demo's marker in it. A folder is emptied only if it is a demo's own output (holds
+    :data:`DEMO_MARKER`) or already empty; any other folder, or a file, is refused before anything is removed."""
+    from diki_edge_export.errors import ExportError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: --out must be a folder, and this is a file")
+    if out.is_dir():
+        children = sorted(out.iterdir())
+        if children and not (out / DEMO_MARKER).is_file():
+            names = ", ".join(c.name for c in children[:5]) + (", ..." if len(children) > 5 else "")
+            raise ExportError(f"{out}: not a demo output folder (no {DEMO_MARKER} file) and not empty ({names}); "
+                              "give a new or empty folder, nothing was removed")
+        for child in children:  # the children, not the folder itself: --out may be the working directory
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("output of `diki-edge demo`; the next demo run with this --out empties it\n")
+
+
 def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: int = 2, quiet: bool = False) -> None:
     from diki_edge_export import export_model
     from diki_edge_runtime import Predictor
@@ -94,9 +120,7 @@ def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: in
     from diki_edge.train import TrainConfig, train_into_bank
 
     start = time.perf_counter()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    prepare_demo_folder(out)
     _step(f"1/5 DCIL tasks, order {order}")
     tasks = dcil_benchmark(order)
     for t in tasks:
