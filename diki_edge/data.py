@@ -32,10 +32,28 @@ class ImageFolder:
 
 
 def _class_names(root: Path, folders: list[str]) -> list[str]:
+    """The class names of ``folders``, checked as the bank stores them (non-empty, no control characters, each once)
+    before any image is read: a bank with a bad name could not be read back."""
+    from diki_edge_runtime.labels import check_class_names
+
+    names = _named_classes(root, folders)
+    try:
+        check_class_names(names)
+    except ValueError as exc:
+        source = root / "classes.txt" if (root / "classes.txt").is_file() else root
+        raise DataError(f"{source}: {exc}") from None
+    return names
+
+
+def _named_classes(root: Path, folders: list[str]) -> list[str]:
     mapping_file = root / "classes.txt"
     if not mapping_file.is_file():
         return [f.replace("_", " ") for f in folders]
-    lines = [ln.strip() for ln in mapping_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = mapping_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{mapping_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if all(":" in ln for ln in lines):
         mapping = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
         missing = [f for f in folders if f not in mapping]

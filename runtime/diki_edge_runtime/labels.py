@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,19 @@ DEFAULT_LABEL_CACHE_BYTES = 256 * 2**20
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
 
 
+def check_class_names(names: Sequence[str], what: str = "class name") -> None:
+    """Class names (or labels) as a bank stores them: non-empty strings without control characters (a newline
+    would break every table and the text file formats), each once. Raises ``ValueError`` naming the first problem."""
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"every {what} must be a non-empty string, got {name!r}")
+        if any(unicodedata.category(ch) == "Cc" for ch in name):
+            raise ValueError(f"{what} {name!r} contains a control character (newline, tab, ...)")
+    dupes = sorted(lab for lab, n in Counter(names).items() if n > 1)
+    if dupes:
+        raise ValueError(f"duplicate {what}s {dupes[:5]}: each {what} must appear once")
+
+
 def label_prompts(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE) -> tuple[str, ...]:
     """The prompts of a label list: ``template.format(label)`` each. Raises ``ValueError`` naming the problem
     (no labels, a non-string or blank label, duplicates, a template without exactly one ``{}``)."""
@@ -47,12 +61,7 @@ def label_prompts(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE
     labels = list(labels)
     if not labels:
         raise ValueError("the label list is empty")
-    for label in labels:
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"every label must be a non-empty string, got {label!r}")
-    dupes = sorted(lab for lab, n in Counter(labels).items() if n > 1)
-    if dupes:
-        raise ValueError(f"duplicate labels {dupes[:5]}: each label must appear once")
+    check_class_names(labels, "label")
     if not isinstance(template, str) or template.count("{}") != 1:
         raise ValueError(f"the template must contain '{{}}' exactly once (where the label goes), got {template!r}")
     try:

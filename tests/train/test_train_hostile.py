@@ -141,3 +141,45 @@ def test_train_config_errors_are_user_errors():
         TrainConfig(levels=1)
     with pytest.raises(DikiEdgeError):
         TrainConfig(epochs=0)
+
+
+@pytest.mark.parametrize("classes_txt, message", [
+    ("zero: bag\none: \n", "every class name must be a non-empty string"),  # "one: " maps to an empty name
+    ("zero: shoe\none: shoe\n", r"duplicate class names \['shoe'\]"),
+    ("shoe\nshoe\n", r"duplicate class names \['shoe'\]"),
+    ("zero: bag\none: a\x07bell\n", "contains a control character"),
+])
+def test_bad_class_names_are_refused_before_training(tmp_path, classes_txt, message):
+    """A bank with an empty or repeated class name could not be read back (every later command refused the file):
+    such names are refused when the data folder is scanned, naming classes.txt, and no bank is written."""
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    root = write_digit_folder(tmp_path / "data")
+    (root / "classes.txt").write_text(classes_txt, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        scan_image_folder(root)
+    bank = tmp_path / "bank.safetensors"
+    with pytest.raises(DikiEdgeError, match=message):
+        train_into_bank(bank, root, "t", cfg=TrainConfig(epochs=1, batch_size=4), quiet=True)
+    assert not bank.exists()
+
+
+def test_a_classes_file_that_is_not_utf8_is_a_data_error(tmp_path):
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    root = write_digit_folder(tmp_path / "data")
+    (root / "classes.txt").write_bytes(b"zero: caf\xe9\none: tea\n")
+    with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text"):
+        scan_image_folder(root)
+
+
+def test_a_folder_name_with_a_control_character_is_refused(tmp_path):
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    root = write_digit_folder(tmp_path / "data")
+    os.rename(root / "one", root / "o\tne")
+    with pytest.raises(DataError, match="contains a control character"):
+        scan_image_folder(root)
