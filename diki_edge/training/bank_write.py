@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from diki_edge_runtime.bank import TaskBank, TaskSlice
 from diki_edge_runtime.errors import BankError, DikiEdgeError
+from diki_edge_runtime import files
 from diki_edge_runtime.files import check_writable
 
 from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, recommended_lr
@@ -101,7 +102,7 @@ def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str,
         problem = None
         if ctx.is_main:
             try:
-                save_or_rescue(new_bank, bank_path, task)
+                new_bank = save_or_rescue(new_bank, bank_path, task, replace)
                 checkpointer.remove()
             except TrainError as exc:
                 problem = f"{exc}; the checkpoint {checkpointer.path} is kept"
@@ -126,12 +127,24 @@ def same_everywhere(ctx: DistContext, identity: dict[str, Any]) -> None:
                             "the same data folder, bank and options")
 
 
-def save_or_rescue(new_bank: TaskBank, bank_path: Path, task: TaskSlice) -> None:
-    """Write ``new_bank`` to ``bank_path``; when that fails, save ``task`` alone as a one-task bank beside it (or in
-    the temp folder) and raise a :class:`TrainError` naming that file, so the trained task is never lost."""
+def save_or_rescue(new_bank: TaskBank, bank_path: Path, task: TaskSlice, replace: bool = False) -> TaskBank:
+    """Append ``task`` to the bank file as it is NOW (re-read under the bank's lock: another writer may have added a
+    task since this run started) and return the bank written; ``new_bank`` is that bank when nothing changed. When
+    that fails, save ``task`` alone as a one-task bank beside it (or in the temp folder) and raise a
+    :class:`TrainError` naming that file, so the trained task is never lost."""
     try:
-        new_bank.save(bank_path)
-        return
+        with files.locked(bank_path):
+            latest = TaskBank.load(bank_path) if bank_path.exists() else None
+            if latest is not None:
+                if latest.layout != new_bank.layout:
+                    raise BankError(f"{bank_path}: the bank was replaced by one of another backbone or layout "
+                                    "while this task trained")
+                if task.info.name in latest.task_names and not replace:
+                    raise BankError(f"{bank_path}: another run added a task named {task.info.name!r} while this "
+                                    "one trained")
+                new_bank = latest.with_task(task)
+            new_bank.save(bank_path)
+        return new_bank
     except (DikiEdgeError, OSError) as exc:
         failure = str(exc)
     single = TaskBank.empty(new_bank.layout).with_task(task)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from diki_edge_runtime import files
 from diki_edge_runtime.errors import BankError, DikiEdgeError, UsageError
 
 bank_app = typer.Typer(no_args_is_help=True,
@@ -78,14 +79,15 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
     if output.exists() and not force:
         raise BankError(f"{output} exists (use --force to overwrite)")
     _check_output(output, inputs)
-    banks = [_load_bank(p) for p in inputs]
-    merged = banks[0]
-    for p, b in zip(inputs[1:], banks[1:]):
-        try:
-            merged = merged.merged(b)
-        except DikiEdgeError as exc:
-            raise BankError(f"{p}: {exc}") from None
-    merged.save(output)
+    with files.locked(output):
+        banks = [_load_bank(p) for p in inputs]
+        merged = banks[0]
+        for p, b in zip(inputs[1:], banks[1:]):
+            try:
+                merged = merged.merged(b)
+            except DikiEdgeError as exc:
+                raise BankError(f"{p}: {exc}") from None
+        merged.save(output)
     err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False, markup=False)
 
 
@@ -94,11 +96,12 @@ def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...
                 output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Remove one task from a bank."""
     _check_output(output or path, [path])
-    b = _load_bank(path)
-    try:
-        b.without(task).save(output or path)
-    except DikiEdgeError as exc:
-        raise BankError(f"{path}: {exc}") from None
+    with files.locked(output or path):
+        b = _load_bank(path)  # read under the lock: a writer that just finished is seen
+        try:
+            b.without(task).save(output or path)
+        except DikiEdgeError as exc:
+            raise BankError(f"{path}: {exc}") from None
     err.print(f"removed task {task!r} -> {output or path}", highlight=False, markup=False)
 
 
@@ -107,11 +110,12 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
                 output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Rename a task in a bank."""
     _check_output(output or path, [path])
-    b = _load_bank(path)
-    try:
-        b.renamed(old, new).save(output or path)
-    except DikiEdgeError as exc:
-        raise BankError(f"{path}: {exc}") from None
+    with files.locked(output or path):
+        b = _load_bank(path)  # read under the lock: a writer that just finished is seen
+        try:
+            b.renamed(old, new).save(output or path)
+        except DikiEdgeError as exc:
+            raise BankError(f"{path}: {exc}") from None
     err.print(f"renamed task {old!r} -> {new!r} in {output or path}", highlight=False, markup=False)
 
 

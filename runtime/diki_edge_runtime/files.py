@@ -27,11 +27,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import secrets
 import shutil
 import socket
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -290,3 +292,45 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(target, aside)
     os.replace(new, target)
     _remove(aside)
+
+
+LOCK_SUFFIX = ".lock"  # the lock of ``bank.safetensors`` is ``.bank.safetensors.lock``: hidden, like the temp files
+LOCK_WAIT_SECONDS = 60.0  # a bank's read-modify-write takes seconds; a holder past this is stuck or another long job
+
+
+def lock_path_of(path: str | os.PathLike) -> Path:
+    """The lock file :func:`locked` takes for ``path``."""
+    target = Path(path)
+    return target.with_name("." + target.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def locked(path: str | os.PathLike, *, what: str = "bank", wait: float | None = None) -> Iterator[Path]:
+    """Hold the advisory lock of ``path`` (``fcntl.flock`` on the hidden ``.<name>.lock`` beside it) for a read-modify-write.
+
+    Every writer of a bank takes it and re-reads the bank inside it, so two writers never both start from the same
+    old bank (the second would drop the first one's task). Waits up to ``wait`` seconds (:data:`LOCK_WAIT_SECONDS`)
+    for another holder, then raises a :class:`WriteError` naming the lock file. The lock file is left in place:
+    removing it would let a third writer lock a new file while the second still holds the old one. The kernel
+    releases the lock when the holder exits, however it exits.
+    """
+    target = Path(path)
+    lock_path = lock_path_of(target)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WriteError(f"{lock_path}: cannot create the {what}'s lock file ({exc.strerror})") from None
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WriteError(f"{target}: another process is writing this {what} (it holds {lock_path}); "
+                                     "try again when it has finished") from None
+                time.sleep(0.05)
+        yield lock_path
+    finally:
+        os.close(fd)  # also releases the lock

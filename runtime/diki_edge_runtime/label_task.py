@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from diki_edge_runtime import files
 from diki_edge_runtime.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE, MANIFEST_FILE
 from diki_edge_runtime.errors import BankError, RuntimeSetupError
@@ -96,17 +97,18 @@ def add_label_task(bank_path: str | os.PathLike, name: str, labels: Sequence[str
     from diki_edge_runtime.predictor import Predictor
 
     bank_path = Path(bank_path)
-    bank = TaskBank.load(bank_path)  # in full: it is saved again
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir(bank_path)
-    if model_dir is None:
-        raise RuntimeSetupError(f"{bank_path}: pass --model, the exported model folder of this bank's backbone "
-                                "(the bank is not inside one)")
-    predictor = Predictor(model_dir, threads=threads, bank=bank)
-    task, skipped = label_only_slice(predictor, name, labels, images, template)
-    try:
-        new_bank = bank.with_task(task)
-    except ValueError as exc:  # the covariance could not be factorised
-        raise BankError(f"{bank_path}: cannot fit the task's Gaussian: {exc}") from None
     target = Path(out) if out is not None else bank_path
-    new_bank.save(target)
+    with files.locked(target):  # the bank is read, extended and written under its lock: no writer is lost
+        bank = TaskBank.load(bank_path)  # in full: it is saved again
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir(bank_path)
+        if model_dir is None:
+            raise RuntimeSetupError(f"{bank_path}: pass --model, the exported model folder of this bank's backbone "
+                                    "(the bank is not inside one)")
+        predictor = Predictor(model_dir, threads=threads, bank=bank)
+        task, skipped = label_only_slice(predictor, name, labels, images, template)
+        try:
+            new_bank = bank.with_task(task)
+        except ValueError as exc:  # the covariance could not be factorised
+            raise BankError(f"{bank_path}: cannot fit the task's Gaussian: {exc}") from None
+        new_bank.save(target)
     return AddTaskReport(name, len(labels), task.stats.count, skipped, str(target))

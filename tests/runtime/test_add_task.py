@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 
-from diki_edge_runtime import Predictor
+from diki_edge_runtime import Predictor, files
 from diki_edge_runtime.bank import TaskBank
 from support import cli_in_process, run_blocked  # tests/support.py
 
@@ -134,3 +134,43 @@ def test_an_unwritable_output_fails_before_any_image_is_encoded(golden, tmp_path
                     str(_examples(golden)), "--model", str(golden.model_dir), "--out", str(out))
     assert res.exit_code == 1, res.stderr
     assert str(blocker) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_parallel_writers_to_one_bank_lose_no_task(golden, tmp_path):
+    """Four `bank add-task` processes at once on one bank (each read-modify-write holds the bank's lock and re-reads
+    the bank inside it): every task is in the final bank. Without the lock the last writer's bank, read before the
+    others wrote, dropped their tasks in every try."""
+    import subprocess
+    import sys
+
+    labels = golden.meta["classes"]["portraits"]
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(golden.bank_path.read_bytes())
+    names = [f"portraits{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-m", "diki_edge_runtime", "bank", "add-task", str(bank), name,
+                               "--labels", ", ".join(labels), "--images", str(_examples(golden)),
+                               "--model", str(golden.model_dir), "--threads", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in names]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    final = TaskBank.load(bank)
+    assert sorted(final.task_names) == sorted(golden.banks["three"].task_names + names), outputs
+    assert files.lock_path_of(tmp_path / "bank.safetensors").exists()  # left in place on purpose (see files.locked)
+
+
+def test_a_held_lock_is_waited_for_then_named(golden, tmp_path, monkeypatch):
+    import pytest
+
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(golden.bank_path.read_bytes())
+    monkeypatch.setattr(files, "LOCK_WAIT_SECONDS", 0.2)
+    with files.locked(bank):
+        with pytest.raises(files.WriteError, match=r"another process is writing this bank \(it holds .*\.lock\)"):
+            with files.locked(bank, wait=0.2):
+                pass
+        done = _bank_app("rename", str(bank), golden.banks["three"].task_names[0], "renamed")
+    assert done.exit_code == 1 and "another process is writing this bank" in done.stderr, done
+    assert TaskBank.load(bank).task_names == golden.banks["three"].task_names  # untouched
+    with files.locked(bank, wait=0):  # released
+        pass

@@ -96,8 +96,9 @@ def test_killed_training_leaves_the_previous_bank_intact(tmp_path, tiny_model_sp
     assert bank_path.read_bytes() == before
     assert TaskBank.load(bank_path).task_names == ["a"]
     # besides the bank at most the run's checkpoint (for --resume; a kill while writing it can leave a hidden temp)
+    # and the bank's lock file
     files = {p.name for p in tmp_path.iterdir() if p.is_file() and not p.name.endswith(".tmp")}
-    assert files <= {"bank.safetensors", "bank.safetensors.b.checkpoint.safetensors"}, files
+    assert files <= {"bank.safetensors", "bank.safetensors.b.checkpoint.safetensors", ".bank.safetensors.lock"}, files
 
 
 def test_progress_bars_and_quiet(tmp_path, tiny_model_spec):
