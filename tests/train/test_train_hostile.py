@@ -78,7 +78,7 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_bank_untouched(tmp_path,
                                          r"written"):
         train_into_bank(bank_path, write_digit_folder(tmp_path / "b", (2, 3)), "b", cfg=huge, quiet=True)
     assert bank_path.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["a", "b", "bank.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", "b", "bank.safetensors", files.lock_path_of(bank_path).name])
 
 
 def test_an_unwritable_bank_path_is_reported_before_any_image_is_read(tmp_path, tiny_model_spec, monkeypatch):
