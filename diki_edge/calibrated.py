@@ -5,7 +5,8 @@
 
 1. pass 1: frozen image encoder -> normalised embedding ``f0``;
 2. Gaussian scores of ``f0`` against every task by one batched matmul (``S = c - 0.5 ||W (f - mu)||^2``);
-3. per sample: task ``s = argmax S``, weight ``M = sigmoid(S_s / D - 1)``;
+3. per sample: task ``s = argmax S``, weight ``M = sigmoid(calib_slope[s] * S_s + calib_bias[s])`` (the paper's
+   ``sigmoid(S_s / D - 1)`` is slope ``1/D``, bias ``-1``; :mod:`diki_edge_runtime.calibration`);
 4. pass 2: image encoder with each sample's own ``K_r/V_r`` (gathered by ``s``) weighted by its own ``M``;
    samples with ``M`` below ``skip_below`` keep ``f0`` (the branch would add ~nothing);
 5. class scores against the cached text table interpolated at each sample's ``M`` (:func:`class_text_table`); classes of
@@ -59,9 +60,10 @@ def gaussian_scores(f: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor, c
     return const.unsqueeze(0) - 0.5 * (z * z).sum(-1).transpose(0, 1)
 
 
-def calibration_weight(score: torch.Tensor, dim: int) -> torch.Tensor:
-    """DIKI's calibration weight ``M = sigmoid(S / D - 1)`` of a selected task's log-density ``S``."""
-    return torch.sigmoid(score / dim - 1.0)
+def calibration_weight(score: torch.Tensor, slope: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The calibrated weight ``M = sigmoid(slope * S + bias)`` of a selected task's log-density ``S`` (the paper's
+    ``sigmoid(S / D - 1)`` with slope ``1/D``, bias ``-1``)."""
+    return torch.sigmoid(score * slope + bias)
 
 
 def interpolate_class_table(class_embeds: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,8 @@ class CalibratedDiki(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(diki.logit_scale), persistent=False)
 
     def select(self, f0: torch.Tensor, gauss_mean: torch.Tensor, gauss_whiten: torch.Tensor,
-               gauss_const: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               gauss_const: torch.Tensor, calib_slope: torch.Tensor, calib_bias: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Task scores, selected task and calibrated weight ``M`` per sample."""
         scores = gaussian_scores(f0, gauss_mean, gauss_whiten, gauss_const)
         task = scores.argmax(dim=1)
@@ -98,7 +101,8 @@ class CalibratedDiki(nn.Module):
             votes = torch.bincount(task, minlength=scores.shape[1])
             task = torch.full_like(task, int(votes.argmax()))
         chosen = scores.gather(1, task.unsqueeze(1)).squeeze(1)
-        return scores, task, calibration_weight(chosen, f0.shape[1])
+        return scores, task, calibration_weight(chosen, calib_slope.index_select(0, task),
+                                                calib_bias.index_select(0, task))
 
     def classify(self, f: torch.Tensor, task: torch.Tensor, text_weight: torch.Tensor, class_embeds: torch.Tensor,
                  class_task: torch.Tensor) -> torch.Tensor:
@@ -109,9 +113,10 @@ class CalibratedDiki(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
                 gauss_mean: torch.Tensor, gauss_whiten: torch.Tensor, gauss_const: torch.Tensor,
-                class_embeds: torch.Tensor, class_task: torch.Tensor) -> CalibratedOutput:
+                class_embeds: torch.Tensor, class_task: torch.Tensor, calib_slope: torch.Tensor,
+                calib_bias: torch.Tensor) -> CalibratedOutput:
         f0 = self.diki.encode_image(pixel_values)
-        scores, task, weight = self.select(f0, gauss_mean, gauss_whiten, gauss_const)
+        scores, task, weight = self.select(f0, gauss_mean, gauss_whiten, gauss_const, calib_slope, calib_bias)
         run = weight >= self.skip_below
         f = f0.clone()
         if bool(run.any()):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import DikiEdgeError
 from rich.console import Console
@@ -41,6 +42,9 @@ def train(
     seed: int = typer.Option(0),
     ridge: float = typer.Option(1e-7, help="Covariance ridge (a new bank only; a bank keeps its own)."),
     levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),
+    calibration: str = typer.Option(calib.DEFAULT_METHOD, help="How the task's familiarity score maps to M: "
+                                    "heldout (fitted to how new images of the task score) or paper "
+                                    "(sigmoid(S/D - 1), DIKI's fixed mapping)."),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
@@ -59,7 +63,7 @@ def train(
 
     try:  # every setting is checked before anything is loaded
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
-                          levels=levels)
+                          levels=levels, calibration=calibration)
     except DikiEdgeError as exc:
         fail(str(exc), 2)
     options = RunOptions(device=device, precision=precision, workers=workers, checkpoint_every=checkpoint_every,
@@ -80,6 +84,9 @@ def train(
     if report.skipped:
         msg += f"; skipped {report.skipped} unreadable images"
     err.print(msg, highlight=False)
+    fitted = next(t for t in new_bank.tasks if t.name == report.task).calibration
+    if fitted.note:
+        err.print(f"note: task {report.task!r}: {fitted.note}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

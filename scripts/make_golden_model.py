@@ -6,7 +6,8 @@
   :func:`diki_edge_export.export_model` into ``model/`` (model.onnx, bank.safetensors, preprocess.json,
   manifest.json) with a bank of three synthetic tasks (``pets``, ``drinks``, ``space``);
 * each task's Gaussian is fitted to random crops of one scikit-image photograph, so unseen crops of that
-  photograph are familiar (high M) and unrelated images are not; ``banks/portraits.safetensors`` holds a fourth
+  photograph are familiar (high M) and unrelated images are not; ``space`` maps its score to M by the paper's
+  calibration, the others by the held-out fit (``CALIBRATION``); ``banks/portraits.safetensors`` holds a fourth
   task (the ``four`` bank is ``three`` merged with it) and ``banks/pets-other-classes.safetensors`` a ``pets``
   task with other classes (the ``other-classes`` bank is ``three`` with its ``pets`` replaced by that one);
 * ``images/``: small PNGs (unseen crops of every photograph, an unrelated photograph, noise);
@@ -49,6 +50,9 @@ OTHER_PETS_CLASSES = ["kitten", "puppy", "hamster", "parrot"]
 # from them by bank operations, as the runtime's tests rebuild them (see :func:`golden_banks`).
 TASK_FILES = {"portraits": "banks/portraits.safetensors", "pets-other-classes": "banks/pets-other-classes.safetensors"}
 FIT_IMAGES = 48  # crops per task the Gaussian is fitted to
+# each task's M mapping (diki_edge_runtime.calibration): both kinds in one bank, so the graph's per-task slope and
+# bias are exercised (48 crops in D = 32 allow a held-out fit)
+CALIBRATION = {"pets": "heldout", "drinks": "heldout", "space": "paper", "portraits": "heldout"}
 EXAMPLE_IMAGES = 48  # example crops for a label-only task (> D = 32: a full-rank covariance)
 LABELS = ["rocket", "cat", "cup of coffee", "astronaut", "tree", "car"]  # labels given at prediction time
 LABELS_TEMPLATE = "a photo of a {}."
@@ -126,7 +130,8 @@ def make_golden(out: str | Path, quiet: bool = True) -> Path:
             photo = PHOTOS[task]
             crops = _variants(photo, FIT_IMAGES, seed=10 + list(PHOTOS).index(task))
             fit = torch.stack([transform(im) for im in crops])
-            return synthetic_task(diki, backbone.tokenizer, task, classes, fit, layout.calibration_levels, seed=seed)
+            return synthetic_task(diki, backbone.tokenizer, task, classes, fit, layout.calibration_levels, seed=seed,
+                                  calibration=CALIBRATION[task])
 
         slices = {task: fitted(task, CLASSES[task], seed=i) for i, task in enumerate(PHOTOS)}
         three = TaskBank.empty(layout)

@@ -62,7 +62,8 @@ def graph_output_errors(got: dict, want: dict, inputs: dict) -> dict[str, float]
     score_bound = tol.score_error_bound(want["frozen_embeds"], got["frozen_embeds"], *gauss)
     rows = np.arange(len(want["task"]))
     chosen = want["task_scores"][rows, want["task"]]
-    weight_bound = tol.weight_error_bound(score_bound[rows, want["task"]], chosen, want["frozen_embeds"].shape[1])
+    weight_bound = tol.weight_error_bound(score_bound[rows, want["task"]], chosen, inputs["calib_slope"][want["task"]],
+                                          inputs["calib_bias"][want["task"]])
     embeds = max(float(np.abs(got[k] - want[k]).max(initial=0.0)) for k in ("image_embeds", "frozen_embeds"))
     d_scores = np.abs(got["task_scores"].astype(np.float64) - want["task_scores"])
     return {"embeds": embeds / tol.EMBED_MAX_ABS,

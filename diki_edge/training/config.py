@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.gaussian import DEFAULT_RIDGE
 
@@ -26,6 +27,7 @@ class TrainConfig:
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     levels: int = 9
     ridge: float = DEFAULT_RIDGE
+    calibration: str = calib.DEFAULT_METHOD  # diki_edge_runtime.calibration: "heldout" or "paper"
 
     def __post_init__(self) -> None:
         problem = config_problem(self)
@@ -48,6 +50,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
             return f"{name} must be >= 1, got {getattr(cfg, name)}"
     if cfg.levels < 2:
         return f"levels must be >= 2, got {cfg.levels}"
+    if cfg.calibration not in calib.METHODS:
+        return f"the calibration must be one of {', '.join(calib.METHODS)}, got {cfg.calibration!r}"
     return template_problem(cfg.template)
 
 

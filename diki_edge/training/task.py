@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.bank import TaskInfo, TaskSlice
 from diki_edge_runtime.gaussian import GaussianStats
 from torch import nn
@@ -183,7 +184,8 @@ class TaskRun:
         train = {k: v for k, v in asdict(self.cfg).items() if k not in ("template",)}
         if self.precision.name != "fp32":
             train["precision"] = self.precision.name
-        info = TaskInfo(name, self.classes, self.cfg.template, stats.count, extra={"train": train})
+        info = TaskInfo(name, self.classes, self.cfg.template, stats.count, extra={"train": train},
+                        calibration=calib.fit(self.cfg.calibration, stats.count, stats.dim))
         return adapter.to_slice(info, stats, table)
 
 

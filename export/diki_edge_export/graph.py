@@ -146,9 +146,11 @@ class ExportGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
                 gauss_mean: torch.Tensor, gauss_whiten: torch.Tensor, gauss_const: torch.Tensor,
-                class_embeds: torch.Tensor, class_task: torch.Tensor) -> CalibratedOutput:
+                class_embeds: torch.Tensor, class_task: torch.Tensor, calib_slope: torch.Tensor,
+                calib_bias: torch.Tensor) -> CalibratedOutput:
         f0 = self.encode(pixel_values)
-        scores, task, weight = self.calibrated.select(f0, gauss_mean, gauss_whiten, gauss_const)
+        scores, task, weight = self.calibrated.select(f0, gauss_mean, gauss_whiten, gauss_const, calib_slope,
+                                                      calib_bias)
         # Pass 2 only for images whose M can matter; the others keep f0 (possibly a zero-row sub-batch).
         idx = torch.nonzero(weight >= self.skip_below).reshape(-1)
         sub_task = task.index_select(0, idx)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diki_edge_runtime import tolerances
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from diki_edge_runtime.gaussian import GaussianStats
 
@@ -70,12 +71,16 @@ def probe_inputs(bank_inputs: dict[str, np.ndarray], diki, images: torch.Tensor,
     t = bank_inputs["gauss_mean"].shape[0]
     groups = max(1, min(t, images.shape[0] // 2))
     f = diki.encode_image(images).double().numpy()
-    mean, whiten, const = (bank_inputs[k].copy() for k in ("gauss_mean", "gauss_whiten", "gauss_const"))
+    mean, whiten, const, slope, bias = (bank_inputs[k].copy() for k in ("gauss_mean", "gauss_whiten", "gauss_const",
+                                                                         "calib_slope", "calib_bias"))
     for i in range(groups):
         stats = GaussianStats.empty(f.shape[1]).update(f[i::groups])
         scoring = stats.finalize(ridge)
         mean[i], whiten[i], const[i] = scoring.mean, scoring.whiten, scoring.const
-    return {**bank_inputs, "gauss_mean": mean, "gauss_whiten": whiten, "gauss_const": const}
+        # a few images per group: the paper's mapping (a held-out fit needs D + 5), as a bank would store it
+        slope[i], bias[i] = calib.paper().affine(scoring.const, f.shape[1])
+    return {**bank_inputs, "gauss_mean": mean, "gauss_whiten": whiten, "gauss_const": const, "calib_slope": slope,
+            "calib_bias": bias}
 
 
 @dataclass
@@ -149,7 +154,7 @@ def error_ratios(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
     rows = np.arange(ref["task"].shape[0])
     ref_scores = ref["task_scores"].astype(np.float64)
     weight_bound = tolerances.weight_error_bound(bound[rows, ref["task"]], ref_scores[rows, ref["task"]],
-                                                 ref_f0.shape[1])
+                                                 inputs["calib_slope"][ref["task"]], inputs["calib_bias"][ref["task"]])
     scores = np.abs(got["task_scores"] - ref_scores) / bound
     weight = np.abs(got["weight"] - ref["weight"].astype(np.float64)) / weight_bound
     disagree = ~tolerances.tasks_agree(got["task"], ref_scores, ref["task"], bound)

@@ -21,10 +21,17 @@ name                shape / dtype              meaning
 ``stats_outer``     [T, D, D] f64
 ``class_embeds``    [G, C, D] f32              class text embeddings at G levels of M (diki_edge/calibrated.py)
 ``class_task``      [C] i64                    task index of each class
+``calib_slope``     [T] f32                    M = sigmoid(calib_slope * S + calib_bias) for the selected
+``calib_bias``      [T] f32                    task (diki_edge_runtime.calibration); format 2 on
 ==================  =========================  =====================================================
 
+Format 1 banks (before per-task calibration) lack the two ``calib_*`` arrays and load as the paper's mapping
+(slope ``1/D``, bias ``-1``); saving writes format 2. Each task's metadata records its calibration (method and
+what it was fitted to); ``calib_*`` are derived from it and the task's Gaussian in :meth:`TaskBank.with_task` and
+:meth:`TaskBank.recalibrated`.
+
 The JSON metadata (safetensors ``__metadata__["diki_edge"]``) names the format version, backbone, adapted depth,
-``l``, dims, calibration grid and per-task name, classes, template and sample count; its schema is checked by
+``l``, dims, calibration grid and per-task name, classes, template, sample count and calibration; its schema is checked by
 :mod:`diki_edge_runtime.schema` on load.
 
 A bank is refused (:class:`~diki_edge_runtime.errors.BankError`, naming the file and the array) when it is
@@ -48,13 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from diki_edge_runtime.contract import BANK_ARRAYS, DEFAULT_TEMPLATE
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.contract import BANK_ARRAYS, CALIB_BIAS, CALIB_SLOPE, DEFAULT_TEMPLATE
 from diki_edge_runtime.errors import BankError, DikiEdgeError
 from diki_edge_runtime.files import WriteError, atomic_write
 from diki_edge_runtime.gaussian import GaussianScoring, GaussianStats
 from diki_edge_runtime.schema import bank_layout, bank_metadata
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: calib_slope / calib_bias and each task's calibration record (1 loads as the paper mapping)
 METADATA_KEY = "diki_edge"
 # BankLayout fields that are array dimensions (contract.BANK_ARRAYS dims besides tasks, classes, levels).
 BANK_LAYOUT_DIMS = ("image_layers", "text_layers", "residual_length", "image_width", "text_width", "embed_dim")
@@ -68,6 +76,8 @@ GRAPH_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.consumer == "graph")
 # What the text graph consumes besides prompts: loaded with the graph arrays when labels may be encoded.
 TEXT_GRAPH_ARRAYS = tuple(s.name for s in BANK_ARRAYS if s.consumer == "text_graph")
 ARRAY_DTYPES = {s.name: np.dtype(s.dtype) for s in BANK_ARRAYS}
+# Arrays a bank of an older format lacks; load() derives them from the metadata.
+LATER_ARRAYS = tuple(s.name for s in BANK_ARRAYS if not s.required)
 
 
 @dataclass
@@ -77,6 +87,7 @@ class TaskInfo:
     template: str = DEFAULT_TEMPLATE
     num_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: calib.Calibration = field(default_factory=calib.paper)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,13 +96,15 @@ class TaskInfo:
             "template": self.template,
             "num_samples": int(self.num_samples),
             "extra": self.extra,
+            "calibration": self.calibration.to_json(),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TaskInfo":
         """From a task entry already checked by :func:`diki_edge_runtime.schema.task_info`."""
+        cal = calib.Calibration.from_json(d["calibration"], d["name"]) if "calibration" in d else calib.paper()
         return cls(d["name"], list(d["classes"]), d.get("template", DEFAULT_TEMPLATE), int(d.get("num_samples", 0)),
-                   dict(d.get("extra", {})))
+                   dict(d.get("extra", {})), cal)
 
 
 @dataclass
@@ -205,6 +218,11 @@ class TaskBank:
             "stats_count": np.asarray(task.stats.count), "stats_sum": task.stats.total,
             "stats_outer": task.stats.outer,
         }
+        slope, bias = info.calibration.affine(scoring.const, self.layout.embed_dim)
+        problem = calib.check_affine(slope, bias, f"task {info.name!r}")
+        if problem:
+            raise BankError(problem)
+        per_task[CALIB_SLOPE], per_task[CALIB_BIAS] = np.asarray(slope), np.asarray(bias)
         expected = self.layout.shapes(1, len(info.classes))
         for name, arr in per_task.items():
             if tuple(np.shape(arr)) != expected[name][1:]:
@@ -243,6 +261,32 @@ class TaskBank:
         tasks = copy.deepcopy(self.tasks)
         tasks[index].name = new
         return TaskBank(self.layout, tasks, dict(self.arrays), graph_only=self.graph_only)
+
+    def recalibrated(self, method: str, names: list[str] | None = None) -> "TaskBank":
+        """A new bank whose tasks ``names`` (default: all) are calibrated by ``method`` again, from their stored
+        statistics alone (:func:`diki_edge_runtime.calibration.fit`)."""
+        self._require_full("recalibrate")
+        names = self.task_names if names is None else names
+        for name in names:
+            self._index(name)
+        tasks = copy.deepcopy(self.tasks)
+        arrays = dict(self.arrays)
+        slopes, biases = arrays[CALIB_SLOPE].copy(), arrays[CALIB_BIAS].copy()
+        dim = self.layout.embed_dim
+        for i, task in enumerate(tasks):
+            if task.name in names:
+                task.calibration = calib.fit(method, int(arrays["stats_count"][i]), dim)
+                slopes[i], biases[i] = task.calibration.affine(float(arrays["gauss_const"][i]), dim)
+        arrays[CALIB_SLOPE], arrays[CALIB_BIAS] = slopes, biases
+        return TaskBank(self.layout, tasks, arrays)
+
+    def uses_paper_calibration(self) -> bool:
+        """Every task maps its score to M by the paper's ``sigmoid(S / D - 1)`` (what graphs exported before
+        per-task calibration compute)."""
+        return not self.calibrated_task_names()
+
+    def calibrated_task_names(self) -> list[str]:
+        return [t.name for t in self.tasks if t.calibration.method != calib.PAPER]
 
     def _require_full(self, action: str) -> None:
         if self.graph_only:
@@ -346,12 +390,19 @@ class TaskBank:
         return None
 
     def finite_problem(self) -> str | None:
-        """The first float array holding NaN or an infinity, described; None when every value is finite."""
+        """The first float array holding NaN or an infinity, or a calibration slope <= 0, described; None when
+        every value is fine."""
         for name, arr in self.arrays.items():
             if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
                 bad = np.argwhere(~np.isfinite(arr))
+                where = f" (task {self.tasks[int(bad[0][0])].name!r})" if name in TASK_ARRAYS and \
+                    int(bad[0][0]) < self.num_tasks else ""
                 return (f"array {name!r} holds {len(bad)} non-finite value(s) (first at index "
-                        f"{list(map(int, bad[0]))}: {arr[tuple(bad[0])]})")
+                        f"{list(map(int, bad[0]))}: {arr[tuple(bad[0])]}){where}")
+        slopes = self.arrays.get(CALIB_SLOPE)
+        if slopes is not None and slopes.size and not (slopes > 0).all():
+            i = int(np.argmax(~(slopes > 0)))
+            return f"task {self.tasks[i].name!r} has calibration slope {slopes[i]} (it must be > 0)"
         return None
 
     # ----------------------------------------------------------------- files
@@ -408,6 +459,7 @@ class TaskBank:
                 wanted = GRAPH_ARRAYS + (TEXT_GRAPH_ARRAYS if with_text else ())
                 keys = [k for k in fh.keys() if not graph_only or k in wanted]
                 arrays = {k: fh.get_tensor(k) for k in keys}
+                stored = set(fh.keys())
         except Exception as exc:  # safetensors raises several types for truncated or foreign files
             raise BankError(f"{path}: not a readable safetensors bank (truncated or corrupt?): {exc}") from None
         if raw_meta is None:
@@ -419,6 +471,7 @@ class TaskBank:
         layout_json, tasks_json = bank_metadata(meta, str(path), FORMAT_VERSION)
         layout = BankLayout(**layout_json)
         tasks = [TaskInfo.from_json(t) for t in tasks_json]
+        _add_later_arrays(arrays, stored, tasks, layout)
         unknown = sorted(set(arrays) - set(ARRAY_DTYPES))
         if unknown:
             raise BankError(f"{path}: unknown arrays {unknown[:5]} (not a diki-edge bank of format {FORMAT_VERSION})")
@@ -451,7 +504,7 @@ class TaskBank:
             "trainable_parameters_per_task": self.trainable_parameters_per_task(),
             "tasks": [
                 {"name": t.name, "classes": len(t.classes), "samples": t.num_samples, "template": t.template,
-                 "class_names": t.classes}
+                 "calibration": t.calibration.describe(), "class_names": t.classes}
                 for t in self.tasks
             ],
         }
@@ -459,6 +512,16 @@ class TaskBank:
     def trainable_parameters_per_task(self) -> int:
         lay = self.layout
         return 2 * lay.residual_length * (lay.image_layers * lay.image_width + lay.text_layers * lay.text_width)
+
+
+def _add_later_arrays(arrays: dict[str, np.ndarray], stored: set[str], tasks: list[TaskInfo],
+                      layout: BankLayout) -> None:
+    """Derive the arrays a format-1 bank lacks: its tasks (no calibration record) use the paper's mapping."""
+    if CALIB_SLOPE not in stored and "gauss_const" in arrays:
+        consts = arrays["gauss_const"].astype(np.float64)
+        pairs = [t.calibration.affine(float(c), layout.embed_dim) for t, c in zip(tasks, consts)]
+        arrays[CALIB_SLOPE] = np.asarray([p[0] for p in pairs], np.float32).reshape(len(consts))
+        arrays[CALIB_BIAS] = np.asarray([p[1] for p in pairs], np.float32).reshape(len(consts))
 
 
 def _refuse_constant(name: str) -> Any:

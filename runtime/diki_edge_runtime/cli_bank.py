@@ -1,4 +1,4 @@
-"""``diki-edge bank show | merge | remove | rename | add-task``: inspect and edit task banks, torch-free.
+"""``diki-edge bank show | merge | remove | rename | add-task | recalibrate``: inspect and edit task banks, torch-free.
 
 Editing commands check that their output can be written (folder, permissions, free space for about the size
 of their inputs) before loading anything, and write atomically (:mod:`diki_edge_runtime.files`). Names from a
@@ -17,11 +17,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime import files
 from diki_edge_runtime.errors import BankError, DikiEdgeError, UsageError
 
 bank_app = typer.Typer(no_args_is_help=True,
-                       help="Inspect and edit task banks (show, merge, remove, rename, add-task).")
+                       help="Inspect and edit task banks (show, merge, remove, rename, add-task, recalibrate).")
+
+CALIBRATION_HELP = ("How a task's familiarity score maps to M: heldout (fitted to how new images of the task score) "
+                    "or paper (sigmoid(S/D - 1), DIKI's fixed mapping).")
 
 out = Console()
 err = Console(stderr=True)
@@ -63,11 +67,11 @@ def bank_show(path: Path = typer.Argument(..., help="Bank file."),
               f"l = {info['residual_length']}; D = {info['embed_dim']}; "
               f"{info['trainable_parameters_per_task']:,} trainable parameters per task; "
               f"{info['bytes'] / 1e6:.2f} MB of arrays", highlight=False)
-    table = Table("#", "task", "classes", "samples", "template", "class names")
+    table = Table("#", "task", "classes", "samples", "template", "calibration", "class names")
     for i, t in enumerate(info["tasks"]):
         names = ", ".join(t["class_names"][:6]) + (" …" if len(t["class_names"]) > 6 else "")
         table.add_row(str(i), escape(t["name"]), str(t["classes"]), str(t["samples"]), escape(t["template"]),
-                      escape(names))
+                      escape(t["calibration"]), escape(names))
     out.print(table)
 
 
@@ -131,7 +135,8 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
                   model: Optional[Path] = typer.Option(None, help="Exported model folder [default: the folder the "
                                                                   "bank is in]."),
                   output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place."),
-                  threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads.")) -> None:
+                  threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
+                  calibration: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP)) -> None:
     """Add a label-only task without training or torch: V_r = 0, the labels' frozen text embeddings as its class
     table, a Gaussian fitted to the frozen embeddings of the example images. `diki-edge train --replace` can
     later swap in a trained task of the same name."""
@@ -148,8 +153,9 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
         paths = [e for e in entries if not isinstance(e, Unmatched)]
         if not paths:
             raise ValueError("no example images found: " + "; ".join(e.message for e in entries))
+        _check_method(calibration)
         report = add_label_task(path, name, label_list, paths, model_dir=model, template=template, out=output,
-                                threads=threads)
+                                threads=threads, calibration=calibration)
     except ValueError as exc:  # bad labels or no images: the arguments' fault
         raise UsageError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     except DikiEdgeError as exc:  # the same error (and exit status), naming the bank if it did not
@@ -159,4 +165,34 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
     for problem in report.skipped:
         err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     err.print(f"added label-only task {name!r} ({report.labels} labels, Gaussian of {report.examples} example "
-              f"images) -> {escape(report.bank)}", highlight=False, soft_wrap=True)
+              f"images, calibration {report.calibration.describe()}) -> {report.bank}", highlight=False,
+              soft_wrap=True, markup=False)
+
+
+@bank_app.command("recalibrate")
+def bank_recalibrate(path: Path = typer.Argument(..., help="Bank file."),
+                     method: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP),
+                     task: Optional[List[str]] = typer.Option(None, help="Only this task (repeat for more) "
+                                                                         "[default: every task]."),
+                     output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")
+                     ) -> None:
+    """Fit the tasks' familiarity calibration again from the statistics the bank stores (no images, no training):
+    e.g. `--method paper` for a model folder exported before graphs took a per-task calibration."""
+    _check_method(method)
+    _check_output(output or path, [path])
+    with files.locked(output or path):
+        b = _load_bank(path)  # read under the lock: a writer that just finished is seen
+        try:
+            new = b.recalibrated(method, list(task) if task else None)
+            new.save(output or path)
+        except DikiEdgeError as exc:
+            raise BankError(f"{path}: {exc}") from None
+    for t in new.tasks:
+        if not task or t.name in task:
+            err.print(f"{t.name}: {t.calibration.describe()}", highlight=False, markup=False)
+    err.print(f"-> {output or path}", highlight=False, markup=False)
+
+
+def _check_method(method: str) -> None:
+    if method not in calib.METHODS:
+        raise UsageError(f"--calibration/--method must be one of {', '.join(calib.METHODS)}, not {method!r}")

@@ -6,7 +6,8 @@ name. Shapes name their dimensions; the dynamic ones (``batch``, ``tasks``, ``cl
 in the ONNX file and in ``manifest.json``, the others are fixed by the backbone and the bank layout and are
 written as integers (see :func:`resolved_io`).
 
-The familiarity of an image, ``M = sigmoid(S / D - 1)`` in the paper, is called ``weight`` everywhere: graph
+The familiarity of an image, ``M = sigmoid(slope_t S_t + bias_t)`` (the paper's ``sigmoid(S / D - 1)`` is
+``slope = 1/D, bias = -1``; :mod:`diki_edge_runtime.calibration`), is called ``weight`` everywhere: graph
 output, Python attribute, JSON key. "weight" says what it does (it weights the residual branch) and the graph
 output has carried that name since the first export; ``M`` appears only in formulas and table headers.
 
@@ -76,6 +77,8 @@ STATS_SUM = "stats_sum"
 STATS_OUTER = "stats_outer"
 CLASS_EMBEDS = "class_embeds"
 CLASS_TASK = "class_task"
+CALIB_SLOPE = "calib_slope"
+CALIB_BIAS = "calib_bias"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class BankArraySpec:
     dtype: str  # numpy dtype name: "float32" | "float64" | "int64"
     consumer: str  # "graph" | "text_graph" | "training"
     doc: str = ""
+    required: bool = True  # False: added in a later format; older banks and graphs lack it (see bank.load)
 
 
 _IMAGE_ADAPTER = ("tasks", "image_layers", "residual_length", "image_width")
@@ -108,12 +112,19 @@ BANK_ARRAYS: tuple[BankArraySpec, ...] = (
     BankArraySpec(CLASS_EMBEDS, "class", ("levels", "classes", "embed_dim"), "float32", "graph",
                   "class text embeddings at the calibration levels of M"),
     BankArraySpec(CLASS_TASK, "class", ("classes",), "int64", "graph", "task index of each class"),
+    # M = sigmoid(calib_slope[t] * S_t + calib_bias[t]) (diki_edge_runtime.calibration); banks of format 1 and
+    # graphs exported before them lack these and mean the paper's mapping (slope 1/D, bias -1).
+    BankArraySpec(CALIB_SLOPE, "task", ("tasks",), "float32", "graph",
+                  "calibration slope per task (> 0): M = sigmoid(calib_slope * S + calib_bias)", required=False),
+    BankArraySpec(CALIB_BIAS, "task", ("tasks",), "float32", "graph", "calibration bias per task",
+                  required=False),
 )
 BANK_ARRAY_NAMES: tuple[str, ...] = tuple(s.name for s in BANK_ARRAYS)
 
 
 def _bank_inputs(consumer: str) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.dims, s.dtype, s.doc) for s in BANK_ARRAYS if s.consumer == consumer)
+    return tuple(TensorSpec(s.name, s.dims, s.dtype, s.doc, s.required) for s in BANK_ARRAYS
+                 if s.consumer == consumer)
 
 
 GRAPH_INPUTS: tuple[TensorSpec, ...] = (

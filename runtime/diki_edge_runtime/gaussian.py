@@ -115,9 +115,3 @@ def log_density(embeddings: np.ndarray, mean: np.ndarray, whiten: np.ndarray, co
     delta = f[:, None, :] - np.asarray(mean, np.float64)[None]  # [N, T, D]
     z = np.einsum("tij,ntj->nti", np.asarray(whiten, np.float64), delta)
     return np.asarray(const, np.float64)[None] - 0.5 * np.sum(z * z, axis=-1)
-
-
-def calibration_weight(score: np.ndarray, dim: int) -> np.ndarray:
-    """DIKI's familiarity weight ``M = sigmoid(S / D - 1)``."""
-    x = np.asarray(score, np.float64) / dim - 1.0
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free sigmoid

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime import files
 from diki_edge_runtime.bank import TaskBank, TaskInfo, TaskSlice
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE, MANIFEST_FILE
@@ -38,6 +39,7 @@ class AddTaskReport:
     examples: int  # images whose frozen embeddings the Gaussian was fitted to
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images that could not be read
     bank: str = ""
+    calibration: calib.Calibration = field(default_factory=calib.paper)  # what the task's M mapping was fitted to
 
 
 def default_model_dir(bank_path: str | os.PathLike) -> Path | None:
@@ -46,8 +48,8 @@ def default_model_dir(bank_path: str | os.PathLike) -> Path | None:
     return parent if (parent / MANIFEST_FILE).is_file() else None
 
 
-def label_only_slice(predictor, name: str, labels: Sequence[str], images: Sequence, template: str | None = None
-                     ) -> tuple[TaskSlice, list[str]]:
+def label_only_slice(predictor, name: str, labels: Sequence[str], images: Sequence, template: str | None = None,
+                     calibration: str = calib.DEFAULT_METHOD) -> tuple[TaskSlice, list[str]]:
     """The bank slice of a label-only task (see the module docstring) and the images that were skipped.
 
     ``predictor``: a :class:`~diki_edge_runtime.predictor.Predictor` of a model folder with the text graph and the
@@ -85,14 +87,16 @@ def label_only_slice(predictor, name: str, labels: Sequence[str], images: Sequen
     lay = predictor.layout
     zeros_image = np.zeros((lay.image_layers, lay.residual_length, lay.image_width), np.float32)
     zeros_text = np.zeros((lay.text_layers, lay.residual_length, lay.text_width), np.float32)
-    info = TaskInfo(name, list(labels), template, stats.count, extra={"label_only": True})
+    info = TaskInfo(name, list(labels), template, stats.count, extra={"label_only": True},
+                    calibration=calib.fit(calibration, stats.count, stats.dim))
     return TaskSlice(info, zeros_image, zeros_image.copy(), zeros_text, zeros_text.copy(), stats,
                      np.repeat(text[None], levels, axis=0)), skipped
 
 
 def add_label_task(bank_path: str | os.PathLike, name: str, labels: Sequence[str], images: Sequence,
                    model_dir: str | os.PathLike | None = None, template: str | None = None,
-                   out: str | os.PathLike | None = None, threads: int | None = None) -> AddTaskReport:
+                   out: str | os.PathLike | None = None, threads: int | None = None,
+                   calibration: str = calib.DEFAULT_METHOD) -> AddTaskReport:
     """Append a label-only task to the bank file (or write the result to ``out``); see the module docstring."""
     from diki_edge_runtime.predictor import Predictor
 
@@ -105,10 +109,10 @@ def add_label_task(bank_path: str | os.PathLike, name: str, labels: Sequence[str
             raise RuntimeSetupError(f"{bank_path}: pass --model, the exported model folder of this bank's backbone "
                                     "(the bank is not inside one)")
         predictor = Predictor(model_dir, threads=threads, bank=bank)
-        task, skipped = label_only_slice(predictor, name, labels, images, template)
+        task, skipped = label_only_slice(predictor, name, labels, images, template, calibration)
         try:
             new_bank = bank.with_task(task)
         except ValueError as exc:  # the covariance could not be factorised
             raise BankError(f"{bank_path}: cannot fit the task's Gaussian: {exc}") from None
         new_bank.save(target)
-    return AddTaskReport(name, len(labels), task.stats.count, skipped, str(target))
+    return AddTaskReport(name, len(labels), task.stats.count, skipped, str(target), task.info.calibration)

@@ -48,6 +48,7 @@ from PIL import Image
 from diki_edge_runtime.bank import BankLayout, TaskBank
 from diki_edge_runtime.contract import (
     BANK_FILE,
+    CALIB_SLOPE,
     INPUT_NAMES,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -223,13 +224,15 @@ class Predictor:
             self.layout = BankLayout.from_json(self.manifest.bank_layout, f"{self.model_dir / MANIFEST_FILE}")
         except BankError as exc:
             raise RuntimeSetupError(str(exc).replace("metadata field layout", "field bank_layout")) from None
-        self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in INPUT_NAMES}
+        # a folder exported before per-task calibration has no calib_* inputs: its graph applies the paper's mapping
+        self.input_names = tuple(n for n in INPUT_NAMES if n in self.manifest.inputs)
+        self._dtypes = {n: numpy_dtype(self.manifest.inputs[n]["dtype"]) for n in self.input_names}
         self.preprocess = Preprocess.from_file(self.model_dir / PREPROCESS_FILE)
         self._draft = self.preprocess.draft_size if self.fast_decode else None
         self.max_pixels = settings.max_pixels
         self.session = settings.session.open(self.model_dir / MODEL_FILE)
-        self.session.require(INPUT_NAMES, REQUIRED_OUTPUT_NAMES, f"{self.model_dir / MODEL_FILE}: graph")
-        for name in INPUT_NAMES:
+        self.session.require(self.input_names, REQUIRED_OUTPUT_NAMES, f"{self.model_dir / MODEL_FILE}: graph")
+        for name in self.input_names:
             if self.session.input_dtype(name) != self._dtypes[name]:
                 raise RuntimeSetupError(f"{self.model_dir}: manifest declares {name} as {self._dtypes[name]} but the "
                                         f"graph takes {self.session.input_types[name]}")
@@ -300,8 +303,14 @@ class Predictor:
             source = os.fspath(bank)
         if loaded.num_tasks < 1:
             raise BankError(f"{source}: the bank has no tasks; the graph needs at least one")
+        if CALIB_SLOPE not in self.input_names and not loaded.uses_paper_calibration():
+            raise BankError(f"{source}: tasks {loaded.calibrated_task_names()} use a fitted calibration, but "
+                            f"{self.model_dir} was exported before graphs took one (only the paper's mapping runs "
+                            "there): re-export the model folder, or `diki-edge bank recalibrate BANK --method paper`")
         arrays = {}
         for name, arr in loaded.graph_inputs().items():
+            if name not in self.input_names:
+                continue
             expected = self.session.input_shapes.get(name, [])
             fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int)]
             if len(expected) != arr.ndim or any(arr.shape[i] != d for i, d in fixed):
@@ -420,7 +429,7 @@ class Predictor:
         assert state is not None
         arrays = state.handle.host if bank_arrays is None else bank_arrays
         feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=self._dtypes["pixel_values"])}
-        for name in INPUT_NAMES[1:]:
+        for name in self.input_names[1:]:
             feeds[name] = np.ascontiguousarray(arrays[name], dtype=self._dtypes[name])
         return feeds
 

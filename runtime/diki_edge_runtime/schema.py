@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diki_edge_runtime.calibration import Calibration
 from diki_edge_runtime.errors import BankError
 
 LAYOUT_INTS = {"image_layers": 1, "text_layers": 0, "residual_length": 1, "image_width": 1, "text_width": 1,
@@ -116,6 +117,11 @@ def task_info(data: Any, source: str, field: str) -> dict[str, Any]:
         out["num_samples"] = c.int_(t["num_samples"], f"{field}.num_samples", 0)
     if "extra" in t:
         out["extra"] = c.obj(t["extra"], f"{field}.extra")
+    if "calibration" in t:
+        try:
+            out["calibration"] = Calibration.from_json(t["calibration"], f"{source}: {field}").to_json()
+        except ValueError as exc:
+            raise BankError(str(exc)) from None
     return out
 
 

@@ -11,7 +11,8 @@ error of at most ``gamma(n) * sum |a_i b_i|``). Every bound below is the analysi
   observed pass-1 embedding difference plus the worst-case rounding of each side. The rounding grows with
   ``||z||^2`` and ``|z|^T |W| |f - mu|`` times ``gamma(D)``, i.e. with the whitening's norm and the dimension, so a
   fixed relative bound (which held on one CPU and failed on another) is replaced by this per-score one.
-* The weight ``M = sigmoid(S / D - 1)`` (:func:`weight_error_bound`): ``|dM/dS| <= 1 / (4 D)``.
+* The weight ``M = sigmoid(slope S + bias)`` (:func:`weight_error_bound`): ``|dM/dS| <= slope / 4`` (``1 / (4 D)``
+  for the paper's mapping).
 """
 
 from __future__ import annotations
@@ -87,15 +88,18 @@ def score_error_bound(ref_embeds: np.ndarray, got_embeds: np.ndarray, mean: np.n
     return margin * (propagated + 2.0 * rounding)
 
 
-def weight_error_bound(score_bound: np.ndarray, ref_score: np.ndarray, dim: int) -> np.ndarray:
-    """Bound on ``|M_got - M_ref|`` for ``M = sigmoid(S / D - 1)`` given a bound on the chosen score's error.
+def weight_error_bound(score_bound: np.ndarray, ref_score: np.ndarray, slope: np.ndarray | float,
+                       bias: np.ndarray | float) -> np.ndarray:
+    """Bound on ``|M_got - M_ref|`` for ``M = sigmoid(slope * S + bias)`` (the chosen task's calibration; the
+    paper's mapping is ``slope = 1/D, bias = -1``) given a bound on the chosen score's error.
 
-    ``|dM/dS| = M (1 - M) / D <= 1 / (4 D)``; float32 forms ``x = S / D - 1`` with error ``2 u (|S| / D + 1)``, and
-    the sigmoid itself (exp, add, divide) adds ``4 u`` to a value in [0, 1]. Both implementations round: doubled.
+    ``|dM/dS| = slope M (1 - M) <= slope / 4``; float32 forms ``x = slope * S + bias`` with error
+    ``2 u (|slope S| + |bias|)`` (a product and a sum; both implementations take the same float32 slope and bias),
+    and the sigmoid itself (exp, add, divide) adds ``4 u`` to a value in [0, 1]. Both implementations round: doubled.
     """
-    s, e = _as64(ref_score, score_bound)
-    x_rounding = 2.0 * UNIT_ROUNDOFF * (np.abs(s) / dim + 1.0)
-    return 0.25 * (e / dim + 2.0 * x_rounding) + 2.0 * 4.0 * UNIT_ROUNDOFF
+    s, e, a, b = _as64(ref_score, score_bound, slope, bias)
+    x_rounding = 2.0 * UNIT_ROUNDOFF * (np.abs(a * s) + np.abs(b))
+    return 0.25 * (a * e + 2.0 * x_rounding) + 2.0 * 4.0 * UNIT_ROUNDOFF
 
 
 def tasks_agree(got_task: np.ndarray, ref_scores: np.ndarray, ref_task: np.ndarray,

@@ -53,3 +53,48 @@ def test_old_folder_predicts_images_and_asks_to_re_export_for_labels(old_folder)
         assert res.exit_code == 2 and "re-export" in res.stderr and "Traceback" not in res.stderr, res.stderr
     res = _predict(files[0], "--model", str(old_folder), "--json", "--quiet")
     assert res.exit_code == 0 and json.loads(res.stdout)["frozen_embeds"] is None
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_folder(tmp_path_factory):
+    """A folder exported before graphs took a per-task calibration: no calib_slope / calib_bias inputs (here the
+    golden graph with those inputs made constants of the paper's mapping for up to three tasks)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    folder = tmp_path_factory.mktemp("uncalibrated") / "model"
+    shutil.copytree(GOLDEN / "model", folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    dim = data["bank_layout"]["embed_dim"]
+    for name in ("calib_slope", "calib_bias"):
+        del data["inputs"][name]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    model = onnx.load(str(folder / "model.onnx"))
+    keep = [i for i in model.graph.input if not i.name.startswith("calib_")]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.graph.initializer.extend([numpy_helper.from_array(np.full(3, 1 / dim, np.float32), "calib_slope"),
+                                    numpy_helper.from_array(np.full(3, -1.0, np.float32), "calib_bias")])
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def test_a_folder_without_calibration_inputs_runs_paper_banks_and_names_the_fix_for_others(uncalibrated_folder,
+                                                                                             tmp_path):
+    import numpy as np
+
+    from diki_edge_runtime.bank import TaskBank
+    from diki_edge_runtime.errors import BankError
+
+    fitted = TaskBank.load(uncalibrated_folder / "bank.safetensors")
+    assert fitted.calibrated_task_names()  # the golden bank mixes both calibrations
+    with pytest.raises(BankError, match="recalibrate"):
+        Predictor(uncalibrated_folder)
+    paper = fitted.recalibrated("paper").save(tmp_path / "paper.safetensors")
+    old, new = Predictor(uncalibrated_folder, bank=paper), Predictor(GOLDEN / "model", bank=paper)
+    images = sorted(str(p) for p in (GOLDEN / "images").glob("*.png"))
+    for a, b in zip(old.predict(images), new.predict(images)):
+        assert a.task == b.task and a.weight == b.weight
+        np.testing.assert_array_equal(a.image_embeds, b.image_embeds)
+    hint = cli_in_process("predict", images[0], "--model", str(uncalibrated_folder))
+    assert hint.exit_code == 2 and "bank recalibrate" in hint.stderr, hint  # a setup error

@@ -140,7 +140,7 @@ def test_graph_only_load_is_the_runtimes_lean_view(tmp_path, bank_setup):
     path = bank.save(tmp_path / "bank.safetensors")
     lean = TaskBank.load(path, expect=layout, graph_only=True)
     assert set(lean.arrays) == {"bank_k", "bank_v", "gauss_mean", "gauss_whiten", "gauss_const", "class_embeds",
-                                "class_task"}
+                                "class_task", "calib_slope", "calib_bias"}
     from diki_edge_runtime.contract import INPUT_NAMES
 
     assert tuple(lean.graph_inputs()) == INPUT_NAMES[1:]  # the bank feeds exactly the graph's bank inputs

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from diki_edge_runtime.gaussian import GaussianStats, calibration_weight, log_density
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.gaussian import GaussianStats, log_density
 
 
 def _embeddings(n, d, seed):
@@ -64,6 +65,6 @@ def test_stored_arrays_give_the_multivariate_normal_log_density():
 
 def test_calibration_weight_is_sigmoid_of_score_over_dim_minus_one():
     s = np.array([-1e9, 0.0, 512.0, 1024.0, 1e9])
-    np.testing.assert_allclose(calibration_weight(s, 512), 1 / (1 + np.exp(-(np.clip(s / 512, -700, 700) - 1))),
+    np.testing.assert_allclose(calib.weight(s, 1 / 512, -1.0), 1 / (1 + np.exp(-(np.clip(s / 512, -700, 700) - 1))),
                                rtol=1e-7, atol=1e-300)
-    assert calibration_weight(np.array([512.0]), 512)[0] == 0.5
+    assert calib.weight(np.array([512.0]), 1 / 512, -1.0)[0] == 0.5

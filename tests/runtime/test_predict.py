@@ -23,7 +23,7 @@ from PIL import Image
 from diki_edge_runtime import Predictor
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError
-from diki_edge_runtime.gaussian import calibration_weight
+from diki_edge_runtime import calibration as calib
 from support import BLOCK_TORCH, REPO  # tests/support.py
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -157,7 +157,8 @@ def test_bank_swap_more_fewer_and_other_classes(golden, tmp_path):
         row = golden.names.index(name)
         score = ref["task_scores"][row, space]
         np.testing.assert_allclose(r.task_scores, [score], rtol=1e-5, atol=1e-3)
-        assert abs(r.weight - float(calibration_weight(score, three.layout.embed_dim))) <= 1e-5
+        slope, bias = three.arrays["calib_slope"][space], three.arrays["calib_bias"][space]
+        assert abs(r.weight - float(calib.weight(score, slope, bias))) <= 1e-5
         if int(ref["task"][row]) == space:  # the same task selected: the same embedding as with three tasks
             assert np.abs(r.image_embeds - ref["image_embeds"][row]).max() <= 1e-4
     # other classes for a task of the same name

@@ -53,8 +53,8 @@ def test_score_error_bound_follows_the_embedding_difference():
 def test_weight_bound_and_task_ties():
     score = np.array([-10.0, 64.0, 640.0])
     # rounding only: 0.25 * 4 u (|S| / D + 1) + 8 u, i.e. a few ulps of M for scores of order D
-    assert (tol.weight_error_bound(np.zeros(3), score, 64) < 4e-6).all()
-    assert tol.weight_error_bound(np.array([64.0]), np.array([64.0]), 64)[0] >= 0.25  # |dM| <= |dS| / (4 D)
+    assert (tol.weight_error_bound(np.zeros(3), score, 1 / 64, -1.0) < 4e-6).all()
+    assert tol.weight_error_bound(np.array([64.0]), np.array([64.0]), 1 / 64, -1.0)[0] >= 0.25  # |dM| <= |dS| / (4 D)
     scores = np.array([[10.0, 9.9995], [10.0, 9.0]])
     bound = np.full((2, 2), 1e-3)
     assert tol.tasks_agree(np.array([1, 0]), scores, np.array([0, 0]), bound).tolist() == [True, True]

@@ -44,8 +44,8 @@ from diki_edge.train import TrainConfig, learn_task
 class UncalibratedDiki(CalibratedDiki):
     """DIKI without the calibration (ablation): per-sample task selection by the Gaussians, but ``M = 1``."""
 
-    def select(self, f0, gauss_mean, gauss_whiten, gauss_const):
-        scores, task, _ = super().select(f0, gauss_mean, gauss_whiten, gauss_const)
+    def select(self, f0, gauss_mean, gauss_whiten, gauss_const, calib_slope, calib_bias):
+        scores, task, _ = super().select(f0, gauss_mean, gauss_whiten, gauss_const, calib_slope, calib_bias)
         return scores, task, torch.ones(f0.shape[0], dtype=f0.dtype)
 
 
@@ -64,6 +64,7 @@ class DikiEngine:
         self.reports: dict[str, LearnReport] = {}
         self._gauss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._calib: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # [1] slope, [1] bias of each task
         self._f0: dict[str, torch.Tensor] = {}
         self._scores: dict[tuple[str, str], torch.Tensor] = {}
         self._pass2: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -91,6 +92,7 @@ class DikiEngine:
         arrays = TaskBank.empty(self.layout).with_task(sl).graph_inputs()  # float32, exactly as a bank stores them
         self._gauss[name] = tuple(torch.from_numpy(np.array(arrays[k][0]))
                                   for k in ("gauss_mean", "gauss_whiten", "gauss_const"))
+        self._calib[name] = tuple(torch.from_numpy(np.array(arrays[k])) for k in ("calib_slope", "calib_bias"))
         self._kv[name] = (torch.from_numpy(arrays["bank_k"][0].copy()), torch.from_numpy(arrays["bank_v"][0].copy()))
         self._tables[(name, tuple(sl.info.classes), sl.info.template)] = torch.from_numpy(
             arrays["class_embeds"].copy())
@@ -121,9 +123,12 @@ class DikiEngine:
             cols.append(self._scores[(key, n)])
         return torch.stack(cols, 1)
 
-    def weight(self, score: torch.Tensor) -> torch.Tensor:
-        """DIKI's calibration ``M`` (the same float32 expression as CalibratedDiki)."""
-        return calibration_weight(score, self.dim)
+    def weight(self, score: torch.Tensor, names: Sequence[str], sel: torch.Tensor) -> torch.Tensor:
+        """The calibrated ``M`` of scores of the tasks ``names[sel]`` (the same float32 expression as
+        CalibratedDiki)."""
+        slope = torch.cat([self._calib[n][0] for n in names]).index_select(0, sel)
+        bias = torch.cat([self._calib[n][1] for n in names]).index_select(0, sel)
+        return calibration_weight(score, slope, bias)
 
     def second_pass(self, task: EvalTask, holdout: bool, name: str, calibrated: bool,
                     idx: torch.Tensor) -> torch.Tensor:
@@ -137,7 +142,8 @@ class DikiEngine:
         if len(todo):
             f0 = self.f0(task, holdout)
             if calibrated:
-                w = self.weight(self.scores(task, holdout, [name])[todo, 0])
+                w = self.weight(self.scores(task, holdout, [name])[todo, 0], [name],
+                                torch.zeros(len(todo), dtype=torch.int64))
             else:
                 w = torch.ones(len(todo))
             run = w >= self.skip_below if calibrated else torch.ones(len(todo), dtype=torch.bool)
@@ -175,7 +181,7 @@ class DikiEngine:
                 sel[i:i + vote_batch] = int(votes.argmax())
         chosen = scores.gather(1, sel.unsqueeze(1)).squeeze(1)
         calibrated = mode != "uncalibrated"
-        weight = self.weight(chosen) if calibrated else torch.ones(len(sel))
+        weight = self.weight(chosen, learned, sel) if calibrated else torch.ones(len(sel))
         text_weight = weight.clone()
         if mode == "vote":
             for i in range(0, len(sel), vote_batch):
