@@ -66,6 +66,7 @@ OWN = [
     ("train", "benchmarks.bench_train", 11),  # issue 11: streamed vs in-memory training, gloo, CUDA fp32/bf16
     ("labels", "benchmarks.bench_labels", 12),  # issue 10: labels at prediction time, encode_text, label cache
     ("serve", "benchmarks.bench_serve", 20),  # diki-edge serve: batching, overload, reload under load, idle unload
+    ("train_memory", "benchmarks.bench_train_memory", 19),  # training peak RSS flat in the number of images
 ]
 # Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
 EXTERNAL = [

@@ -98,6 +98,11 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, 
     is_local_dir = name.startswith("local-dir:")
     checkpoint = Path(pretrained) if pretrained and pretrained != RANDOM and (
         os.sep in pretrained or Path(pretrained).suffix in {".safetensors", ".pt", ".bin", ".pth"}) else None
+    if is_local_dir and pretrained is not None and checkpoint is None:
+        # The bundled and local-dir backbones carry their own weights (a checkpoint file may still replace them); a
+        # tag or "random" silently dropped would record a bank whose backbone is not the one asked for.
+        raise BackboneError(f"--pretrained {pretrained!r} cannot be used with --model {model!r}: that model brings "
+                            "its own weights (omit --pretrained, or pick an open_clip model name such as ViT-B-16)")
     tag = None if (is_local_dir or checkpoint or pretrained in (None, RANDOM)) else pretrained
     if checkpoint is not None and not checkpoint.is_file():
         raise BackboneError(f"{checkpoint}: checkpoint file not found")

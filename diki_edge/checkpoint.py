@@ -38,7 +38,9 @@ def data_fingerprint(folder: ImageFolder) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(folder.classes).encode())
     for path, label in folder.samples:
-        h.update(f"{path.relative_to(folder.root).as_posix()}\0{label}\0{path.stat().st_size}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 hashes as its own bytes instead of raising
+        h.update(f"{path.relative_to(folder.root).as_posix()}\0{label}\0{path.stat().st_size}\n"
+                 .encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ never stops the others.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,17 +66,60 @@ def _named_classes(root: Path, folders: list[str]) -> list[str]:
     return lines
 
 
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _class_folders(root: Path) -> list[str]:
+    """The class sub-folders of ``root``. A symbolic link among them must stay inside the data folder: one to ``/``
+    (or a loop) would otherwise walk the whole disk, and images from elsewhere would silently join the task."""
+    real_root = root.resolve()
+    folders = []
+    for entry in root.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            try:
+                target = entry.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:  # a loop or a dangling link
+                raise DataError(f"{entry}: class folder is a symbolic link that cannot be followed "
+                                f"({type(exc).__name__}: {exc})") from None
+            if target.is_dir() and not _is_within(target, real_root):
+                raise DataError(f"{entry}: class folder is a symbolic link to {target}, outside the data folder "
+                                f"{root}; copy or move those images into the data folder")
+        if entry.is_dir():
+            folders.append(entry.name)
+    return sorted(folders)
+
+
+def _class_images(root: Path, folder: Path) -> list[Path]:
+    """The image files below ``folder``; linked sub-folders are followed only inside the data folder, each real
+    folder once (a link loop ends)."""
+    real_root, seen, found = root.resolve(), set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or not _is_within(real, real_root):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        found.extend(Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in found if p.is_file())
+
+
 def scan_image_folder(root: str | Path) -> ImageFolder:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder (the data folder holds one sub-folder per class)")
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = _class_folders(root)
     if len(folders) < 2:
         raise DataError(f"{root}: expected one sub-folder per class (at least 2), found {len(folders)}")
     classes = _class_names(root, folders)
     samples = []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in (root / folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = _class_images(root, root / folder)
         if not files:
             raise DataError(f"{root / folder}: class folder has no images")
         samples.extend((p, label) for p in files)

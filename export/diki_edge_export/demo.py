@@ -120,29 +120,32 @@ def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: in
     from diki_edge.train import TrainConfig, train_into_bank
 
     start = time.perf_counter()
+    # -q: only the final summary (the accuracy table and where the outputs are); every section before it is progress
+    say = (lambda *args, **kwargs: None) if quiet else console.print
+    step = (lambda msg: None) if quiet else _step
     prepare_demo_folder(out)
-    _step(f"1/5 DCIL tasks, order {order}")
+    step(f"1/5 DCIL tasks, order {order}")
     tasks = dcil_benchmark(order)
     for t in tasks:
         write_image_folder(t, out / "data" / t.name, "train")
-        console.print(f"  {t.name:14s} {t.domain:32s} {len(t.class_names):3d} classes, {len(t.train)} train, "
+        say(f"  {t.name:14s} {t.domain:32s} {len(t.class_names):3d} classes, {len(t.train)} train, "
                       f"{len(t.test)} test images", highlight=False)
 
-    _step("2/5 diki-edge train (one task at a time, bundled diki-tiny backbone)")
+    step("2/5 diki-edge train (one task at a time, bundled diki-tiny backbone)")
     bank_path = out / "bank.safetensors"
     cfg = TrainConfig(epochs=epochs, batch_size=64)
     for t in tasks:
         _, report = train_into_bank(bank_path, out / "data" / t.name, t.name, cfg=cfg, quiet=quiet)
-        console.print(f"  learned {t.name!r}: train accuracy {report.train_accuracy:.1%} in {report.seconds:.1f}s",
+        say(f"  learned {t.name!r}: train accuracy {report.train_accuracy:.1%} in {report.seconds:.1f}s",
                       highlight=False)
 
-    _step("3/5 reload the bank and export one ONNX graph")
+    step("3/5 reload the bank and export one ONNX graph")
     bank = TaskBank.load(bank_path)
-    console.print(f"  {bank_path}: {bank.num_tasks} tasks, {len(bank.class_names)} classes, "
+    say(f"  {bank_path}: {bank.num_tasks} tasks, {len(bank.class_names)} classes, "
                   f"{bank.trainable_parameters_per_task():,} trainable parameters per task", highlight=False)
     export_model(bank_path, out / "model", force=True, quiet=quiet)
 
-    _step("4/5 diki-edge predict (torch-free runtime, separate process)")
+    step("4/5 diki-edge predict (torch-free runtime, separate process)")
     rows = _write_samples(tasks, out / "samples", samples_per_task)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "diki_edge_runtime", "predict", str(out / "samples"), "--model", str(out / "model"),
@@ -159,9 +162,10 @@ def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: in
         ok = rec["ok"] and true_task == rec["task"] and pred == true_class
         table.add_row(Path(rec["input"]).name, true_task, true_class, str(rec["task"]),
                       f"{rec['weight']:.3f}" if rec["ok"] else "-", f"[{'green' if ok else 'red'}]{pred}[/]")
-    Console(width=140).print(table)
+    if not quiet:
+        Console(width=140).print(table)
 
-    _step("5/5 accuracy on every task's test split")
+    step("5/5 accuracy on every task's test split")
     predictor = Predictor(out / "model", provider="cpu")
     Console(width=140).print(_accuracy_table(predictor, tasks, _zero_shot(tasks)))
     console.print(f"demo finished in {time.perf_counter() - start:.0f}s; outputs in {out}", highlight=False)

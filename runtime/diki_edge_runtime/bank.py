@@ -242,6 +242,11 @@ class TaskBank:
     def merged(self, other: "TaskBank") -> "TaskBank":
         """Append every task of ``other`` (same backbone and layout; task names must not collide)."""
         problem = self.layout.compatibility_problem(other.layout)
+        # The ridge is baked into every task's whitening: tasks finalised with different ridges score on different
+        # scales, and the merged bank could record only one of them.
+        if problem is None and not np.isclose(self.layout.ridge, other.layout.ridge, rtol=1e-12, atol=0.0):
+            problem = (f"ridge differs ({other.layout.ridge:g} vs expected {self.layout.ridge:g}; --ridge of "
+                       "`diki-edge train` — retrain one with the other's ridge)")
         if problem:
             raise BankError(f"cannot merge banks: {problem}")
         clash = sorted(set(self.task_names) & set(other.task_names))
@@ -442,12 +447,14 @@ class TaskBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False,
-             with_text: bool = False) -> "TaskBank":
+             with_text: bool = False, repair: bool = False) -> "TaskBank":
         """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout.
 
         ``graph_only`` reads just the arrays the exported graph consumes (a runtime's view: no float64
         statistics, no text adapters — about a third of the memory for D = 512); such a bank cannot be saved.
         ``with_text`` adds the text adapters (``TEXT_GRAPH_ARRAYS``) to a graph-only load, for the text graph.
+        ``repair`` (the ``bank`` editing commands) also accepts the empty class names older versions wrote;
+        :meth:`name_problems` then names the tasks to remove or retrain.
         """
         from safetensors import safe_open
 
@@ -468,7 +475,7 @@ class TaskBank:
             meta = json.loads(raw_meta, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             raise BankError(f"{path}: diki-edge metadata is not valid JSON ({str(exc)[:200]})") from None
-        layout_json, tasks_json = bank_metadata(meta, str(path), FORMAT_VERSION)
+        layout_json, tasks_json = bank_metadata(meta, str(path), FORMAT_VERSION, repair=repair)
         layout = BankLayout(**layout_json)
         tasks = [TaskInfo.from_json(t) for t in tasks_json]
         _add_later_arrays(arrays, stored, tasks, layout)
@@ -490,6 +497,19 @@ class TaskBank:
             if problem:
                 raise BankError(f"{path}: bank does not fit this model: {problem}")
         return bank
+
+    def name_problems(self) -> dict[str, str]:
+        """``{task name: problem}`` for each task whose class names a current version would refuse (empty, with a
+        control character such as a newline, repeated): what an older version may have written."""
+        from diki_edge_runtime.labels import check_class_names
+
+        problems = {}
+        for t in self.tasks:
+            try:
+                check_class_names(t.classes)
+            except ValueError as exc:
+                problems[t.name] = str(exc)
+        return problems
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for ``diki-edge bank show``."""

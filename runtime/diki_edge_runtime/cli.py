@@ -13,7 +13,9 @@ usage and setup errors); they never show a traceback.
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 
 import typer
@@ -85,7 +87,32 @@ def _missing_command(argv: list[str], app: typer.Typer) -> str | None:
     return PLUGIN_COMMANDS[words[0]] + (f" (installed commands failed to load: {why})" if why else "")
 
 
+def _exit_on_sigterm() -> bool:
+    """Turn SIGTERM into ``SystemExit(143)`` so every ``finally`` runs (staging folders, temporaries, locks), as
+    SIGINT's KeyboardInterrupt does; the default action would kill the process and leave them behind. A second
+    SIGTERM kills at once. Only where nobody installed a handler of their own (``serve`` installs its own)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return False
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        err.print("[bold red]error:[/] terminated (SIGTERM)", highlight=False)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
+    installed = _exit_on_sigterm()
+    try:
+        _main(argv)
+    finally:  # an in-process caller (tests, an embedding program) gets the default SIGTERM action back
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     app = build_app()
     install = _missing_command(argv, app)

@@ -44,17 +44,31 @@ def _check_output(output: Path, inputs: List[Path]) -> None:
     check_writable(output, size, what="bank")
 
 
-def _load_bank(path: Path):
+def printable(text: str) -> str:
+    from diki_edge_runtime.labels import printable as one_cell
+
+    return one_cell(text)
+
+
+def _load_bank(path: Path, repair: bool = False):
+    """The bank at ``path``; ``repair`` (show, remove, rename) accepts the bad class names an older version wrote
+    and names each such task once on stderr, so that the other tasks stay reachable and the bad one removable."""
     from diki_edge_runtime.bank import TaskBank
 
-    return TaskBank.load(path)
+    bank = TaskBank.load(path, repair=repair)
+    if repair:
+        for task, problem in bank.name_problems().items():
+            err.print(f"warning: {path}: task {task!r} has a class name this version refuses ({problem}); "
+                      f"remove it with `diki-edge bank remove {path} {task}` and retrain it",
+                      highlight=False, markup=False)
+    return bank
 
 
 @bank_app.command("show")
 def bank_show(path: Path = typer.Argument(..., help="Bank file."),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Tasks, classes, sizes and backbone of a bank."""
-    b = _load_bank(path)
+    b = _load_bank(path, repair=True)
     info = b.describe()
     if as_json:
         print(json.dumps(info, indent=2))
@@ -69,9 +83,9 @@ def bank_show(path: Path = typer.Argument(..., help="Bank file."),
               f"{info['bytes'] / 1e6:.2f} MB of arrays", highlight=False)
     table = Table("#", "task", "classes", "samples", "template", "calibration", "class names")
     for i, t in enumerate(info["tasks"]):
-        names = ", ".join(t["class_names"][:6]) + (" …" if len(t["class_names"]) > 6 else "")
-        table.add_row(str(i), escape(t["name"]), str(t["classes"]), str(t["samples"]), escape(t["template"]),
-                      escape(t["calibration"]), escape(names))
+        names = ", ".join(map(printable, t["class_names"][:6])) + (" …" if len(t["class_names"]) > 6 else "")
+        table.add_row(str(i), escape(printable(t["name"])), str(t["classes"]), str(t["samples"]),
+                      escape(printable(t["template"])), escape(t["calibration"]), escape(names))
     out.print(table)
 
 
@@ -90,7 +104,7 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
             try:
                 merged = merged.merged(b)
             except DikiEdgeError as exc:
-                raise BankError(f"{p}: {exc}") from None
+                raise BankError(f"{p} (merging into {inputs[0]}): {exc}") from None
         merged.save(output)
     err.print(f"{output}: {merged.num_tasks} tasks ({', '.join(merged.task_names)})", highlight=False, markup=False)
 
@@ -101,7 +115,7 @@ def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...
     """Remove one task from a bank."""
     _check_output(output or path, [path])
     with files.locked(output or path):
-        b = _load_bank(path)  # read under the lock: a writer that just finished is seen
+        b = _load_bank(path, repair=True)  # read under the lock: a writer that just finished is seen
         try:
             b.without(task).save(output or path)
         except DikiEdgeError as exc:
@@ -115,7 +129,7 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
     """Rename a task in a bank."""
     _check_output(output or path, [path])
     with files.locked(output or path):
-        b = _load_bank(path)  # read under the lock: a writer that just finished is seen
+        b = _load_bank(path, repair=True)  # read under the lock: a writer that just finished is seen
         try:
             b.renamed(old, new).save(output or path)
         except DikiEdgeError as exc:

@@ -47,9 +47,21 @@ def check_class_names(names: Sequence[str], what: str = "class name") -> None:
             raise ValueError(f"every {what} must be a non-empty string, got {name!r}")
         if any(unicodedata.category(ch) == "Cc" for ch in name):
             raise ValueError(f"{what} {name!r} contains a control character (newline, tab, ...)")
+        if any(unicodedata.category(ch) == "Cs" for ch in name):  # how Python decodes a non-UTF-8 file name
+            raise ValueError(f"{what} {name!r} is not valid UTF-8 text (a file or folder name in another "
+                             "encoding? rename it, or give the class names in classes.txt)")
     dupes = sorted(lab for lab, n in Counter(names).items() if n > 1)
     if dupes:
         raise ValueError(f"duplicate {what}s {dupes[:5]}: each {what} must appear once")
+
+
+def printable(text: str) -> str:
+    """``text`` for one table cell: control characters (a newline in a name an older version stored) spelled as
+    escapes (``\\n``), lone surrogates (a non-UTF-8 file name) as ``\\xNN``, so that a name cannot break a table."""
+    from diki_edge_runtime.predictor import json_text
+
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
+                   for ch in json_text(text))
 
 
 def label_prompts(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE) -> tuple[str, ...]:

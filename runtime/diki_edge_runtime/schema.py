@@ -102,14 +102,15 @@ def bank_layout(data: Any, source: str, field: str = "layout") -> dict[str, Any]
     return out
 
 
-def task_info(data: Any, source: str, field: str) -> dict[str, Any]:
-    """One checked task entry (the fields of ``bank.TaskInfo``); raises :class:`MetadataError`."""
+def task_info(data: Any, source: str, field: str, repair: bool = False) -> dict[str, Any]:
+    """One checked task entry (the fields of ``bank.TaskInfo``); raises :class:`MetadataError`. ``repair`` accepts
+    empty class names (older versions wrote them) so that the repair commands can still reach every task."""
     c = _Checker(source)
     t = c.obj(data, field)
     classes = c.list_(c.key(t, "classes", field), f"{field}.classes", 1)
     out = {
         "name": c.string(c.key(t, "name", field), f"{field}.name"),
-        "classes": [c.string(v, f"{field}.classes[{i}]") for i, v in enumerate(classes)],
+        "classes": [c.string(v, f"{field}.classes[{i}]", nonempty=not repair) for i, v in enumerate(classes)],
     }
     if "template" in t:
         out["template"] = c.string(t["template"], f"{field}.template")
@@ -125,8 +126,10 @@ def task_info(data: Any, source: str, field: str) -> dict[str, Any]:
     return out
 
 
-def bank_metadata(data: Any, source: str, newest_version: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The checked ``(layout, tasks)`` of a bank's metadata; refuses a newer format than ``newest_version``."""
+def bank_metadata(data: Any, source: str, newest_version: int,
+                  repair: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The checked ``(layout, tasks)`` of a bank's metadata; refuses a newer format than ``newest_version``
+    (``repair``: see :func:`task_info`)."""
     c = _Checker(source)
     meta = c.obj(data, "(top level)")
     version = c.int_(c.key(meta, "format_version", ""), "format_version", 1)
@@ -135,4 +138,4 @@ def bank_metadata(data: Any, source: str, newest_version: int) -> tuple[dict[str
                         f"({newest_version}); upgrade diki-edge")
     layout = bank_layout(c.key(meta, "layout", ""), source)
     tasks = c.list_(c.key(meta, "tasks", ""), "tasks", 0)
-    return layout, [task_info(t, source, f"tasks[{i}]") for i, t in enumerate(tasks)]
+    return layout, [task_info(t, source, f"tasks[{i}]", repair) for i, t in enumerate(tasks)]

@@ -390,3 +390,31 @@ def test_a_non_finite_bank_is_refused_before_exporting(world, tmp_path):
     with pytest.raises(BankError, match=r"nan\.safetensors: array 'class_embeds' holds 1 non-finite"):
         export_model(path, tmp_path / "out", backbone=world.backbone, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_during_a_real_export_leaves_no_hidden_temporary_folder(world, tmp_path):
+    """SIGTERM (what `kill`, systemd and CI runners send) cleans up like SIGINT: the staging folder goes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bank_path = world.banks[1].save(tmp_path / "bank.safetensors")
+    out = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "diki_edge_runtime", "export", "--bank", str(bank_path),
+                             "--out", str(out), "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    staging = []
+    while not staging and proc.poll() is None and time.monotonic() < deadline:
+        staging = [p for p in tmp_path.iterdir() if files.TEMP_MARK in p.name]
+        time.sleep(0.05)
+    assert staging, f"the export never staged a folder (rc {proc.poll()}): {proc.stderr.read().decode()[-2000:]}"
+    time.sleep(0.5)  # inside the export's work, not at its first line
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the export finished before SIGTERM arrived; signal it earlier"
+    assert "Traceback" not in stderr.decode(), stderr.decode()[-2000:]
+    left = [p.name for p in tmp_path.iterdir() if files.TEMP_MARK in p.name]
+    assert left == [], f"SIGTERM left {left}"
+    assert not out.exists()

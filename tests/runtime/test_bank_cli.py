@@ -72,3 +72,24 @@ def test_training_commands_on_a_runtime_only_install_name_what_to_install(tmp_pa
     listed = set(re.findall(r"^\W+([a-z]+)\s", help_text.stdout, re.MULTILINE))  # rows of the Commands panel
     assert help_text.returncode == 0 and {"predict", "bank"} <= listed
     assert not listed & {"train", "export", "eval", "demo"}, listed
+
+
+@pytest.mark.parametrize("field, first, second", [("ridge", 1e-2, 1e-7),
+                                                   ("calibration_levels", [0.0, 1 / 3, 2 / 3, 1.0], [0.0, 0.25, 0.5, 1.0])])
+def test_merge_refuses_banks_finalised_differently_naming_both_values_and_files(tmp_path, layout, make_task, field,
+                                                                                 first, second):
+    import dataclasses
+
+    paths = []
+    for i, value in enumerate([first, second]):
+        own = dataclasses.replace(layout, **{field: value})
+        paths.append(TaskBank.empty(own).with_task(make_task(f"t{i}", 2, seed=i)).save(tmp_path / f"b{i}.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    result = run("bank", "merge", out, *paths)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(paths[0]) in result.stderr and str(paths[1]) in result.stderr, result.stderr
+    if field == "ridge":
+        assert "ridge" in result.stderr and "0.01" in result.stderr and "1e-07" in result.stderr, result.stderr
+    else:
+        assert "calibration levels" in result.stderr and "0.25" in result.stderr and "0.3333" in result.stderr
+    assert not out.exists()

@@ -15,7 +15,7 @@ from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError
 from diki_edge_runtime.schema import MetadataError
 
-from hostile import BANK, MODEL, cli, damaged_bank, golden_bank, write_bank
+from hostile import BANK, IMAGES, MODEL, cli, damaged_bank, golden_bank, write_bank
 
 FLOAT_ARRAYS = ["bank_k", "bank_v", "text_k", "text_v", "gauss_mean", "gauss_whiten", "gauss_const", "stats_sum",
                 "stats_outer", "class_embeds"]
@@ -208,3 +208,31 @@ def test_non_finite_statistics_and_ridges_are_refused():
     task.stats.outer[0, 0] = np.inf
     with pytest.raises(BankError, match="task 'pets': cannot finalise its Gaussian: the statistics hold NaN"):
         bank.with_task(task)
+
+
+@pytest.mark.parametrize("bad_name", ["", "two\nlines", "dupe"])
+def test_a_bank_an_older_version_wrote_with_a_bad_class_name_can_be_shown_and_repaired(tmp_path, bad_name):
+    """Older versions wrote empty, multi-line or repeated class names; every command then refused the whole file.
+    The repair commands (show, remove, rename) load such a bank leniently, name the bad task, and keep the others
+    reachable; predict still refuses it."""
+    def edit(arrays, meta):
+        classes = meta["tasks"][-1]["classes"]
+        classes[0] = classes[1] if bad_name == "dupe" else bad_name
+
+    path = damaged_bank(tmp_path / "old.safetensors", edit)
+    names = [t["name"] for t in golden_bank()[1]["tasks"]]
+    bad, other = names[-1], names[0]
+    shown = cli("bank", "show", path)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    warned = shown.stderr.replace("\n", "")  # rich wraps at a space and keeps the space
+    assert f"task {bad!r}" in warned and f"bank remove {path} {bad}" in warned, shown.stderr
+    if bad_name == "two\nlines":  # the table spells the newline out instead of breaking its row
+        assert "two\\nlines" in shown.stdout and "two\nlines" not in shown.stdout, shown.stdout
+    kept = cli("bank", "remove", path, other, "--out", tmp_path / "kept.safetensors")
+    assert kept.returncode == 0, kept.stderr
+    fixed = cli("bank", "remove", path, bad, "--out", tmp_path / "fixed.safetensors")
+    assert fixed.returncode == 0, fixed.stderr
+    assert TaskBank.load(tmp_path / "fixed.safetensors").task_names == names[:-1]  # strict load: repaired
+    if bad_name == "":  # a bank a runtime cannot use is still refused there, naming the file
+        predicted = cli("predict", "--model", MODEL, "--bank", path, IMAGES)
+        assert predicted.returncode == 2 and str(path) in predicted.stderr and "Traceback" not in predicted.stderr

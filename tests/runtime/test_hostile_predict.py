@@ -156,3 +156,13 @@ def test_a_model_path_that_is_a_file_says_so(tmp_path):
     not_a_folder.write_text("x")
     with pytest.raises(RuntimeSetupError, match="model: is not a folder"):
         Predictor(not_a_folder)
+
+
+def test_a_huge_batch_size_is_refused_naming_the_cap_before_any_image_is_read():
+    from diki_edge_runtime.cli_predict import MAX_BATCH_SIZE
+
+    huge = cli("predict", PHOTO, "--model", MODEL, "--batch-size", "10000000")
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr, huge.stderr
+    flat = huge.stderr.replace("\n", " ")
+    assert "--batch-size 10000000" in flat and str(MAX_BATCH_SIZE) in flat, flat
+    assert cli("predict", PHOTO, "--model", MODEL, "--batch-size", str(MAX_BATCH_SIZE)).returncode == 0

@@ -79,3 +79,14 @@ def test_zero_shot_above_chance(loaded):
     assert acc["mnist"] > 0.85, acc
     assert acc["emoji-jobs"] > 0.75, acc
     assert acc["emoji-people"] > 0.65, acc
+
+
+@pytest.mark.parametrize("model", ["diki-tiny", f"local-dir:{WEIGHTS_DIR}"])
+@pytest.mark.parametrize("pretrained", ["random", "openai"])
+def test_pretrained_with_a_bundled_or_local_dir_model_is_refused_naming_the_option(model, pretrained):
+    from diki_edge.backbone import load_backbone
+    from diki_edge.errors import BackboneError
+
+    with pytest.raises(BackboneError, match=r"--pretrained") as caught:
+        load_backbone(model, pretrained)
+    assert pretrained in str(caught.value) and model in str(caught.value)

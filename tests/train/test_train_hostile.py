@@ -183,3 +183,60 @@ def test_a_folder_name_with_a_control_character_is_refused(tmp_path):
     os.rename(root / "one", root / "o\tne")
     with pytest.raises(DataError, match="contains a control character"):
         scan_image_folder(root)
+
+
+@pytest.mark.parametrize("make_link", ["to_root", "loop", "outside"])
+def test_a_class_folder_that_links_out_of_the_data_folder_is_refused_naming_it(tmp_path, make_link):
+    """A class folder symlinked to ``/`` once walked the whole disk and ended in a PermissionError traceback."""
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    root = write_digit_folder(tmp_path / "data")
+    link = root / "two"
+    if make_link == "to_root":
+        link.symlink_to("/")
+    elif make_link == "loop":
+        link.symlink_to(link)
+    else:
+        write_digit_folder(tmp_path / "elsewhere", classes=(2,))
+        link.symlink_to(tmp_path / "elsewhere" / "two")
+    with pytest.raises(DataError, match=r"two.*symbolic link") as caught:
+        scan_image_folder(root)
+    assert str(link) in str(caught.value)
+
+
+def test_links_inside_the_data_folder_are_followed_once_and_sub_folder_loops_end(tmp_path):
+    from diki_edge.data import scan_image_folder
+
+    root = write_digit_folder(tmp_path / "data")
+    (root / "zero" / "again").symlink_to(root / "zero")  # a loop below a class folder
+    (root / "one" / "up").symlink_to("/")  # a sub-folder link out of the data folder is not walked
+    folder = scan_image_folder(root)
+    assert len(folder.samples) == 12, [str(p) for p, _ in folder.samples]
+
+
+def test_a_data_path_that_is_a_file_says_so(tmp_path):
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        scan_image_folder(tmp_path / "images.zip")
+
+
+def test_non_utf8_names_never_raise_unicode_errors(tmp_path):
+    """A folder name in another encoding cannot be a class name (the bank stores UTF-8 JSON): refused naming it; an
+    image file named so is trained on (its name only enters the data fingerprint)."""
+    from diki_edge.checkpoint import data_fingerprint
+    from diki_edge.data import scan_image_folder
+    from diki_edge.errors import DataError
+
+    root = write_digit_folder(tmp_path / "data")
+    os.rename(root / "zero" / "0.png", os.path.join(os.fsencode(root / "zero"), b"caf\xe9.png"))
+    folder = scan_image_folder(root)
+    assert len(folder.samples) == 12 and len(data_fingerprint(folder)) == 64
+    os.rename(os.fsencode(root / "one"), os.path.join(os.fsencode(root), b"\xffone"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        scan_image_folder(root)
+    (root / "classes.txt").write_text("zero\none\n", encoding="utf-8")  # names given by position: fine
+    assert scan_image_folder(root).classes == ["zero", "one"]
