@@ -1,4 +1,4 @@
-"""Throughput on a photo library (issue 13): pipelined decoding, fast JPEG decoding, low-memory sessions.
+"""Throughput on a photo library: pipelined decoding, fast JPEG decoding, low-memory sessions.
 
 Setting: 200 JPEG photographs of 1600 x 1200 (quality 90), random crops / flips / brightness changes of eight
 scikit-image photographs, and the bundled ``diki-tiny`` backbone exported with five synthetic tasks whose

@@ -1,6 +1,6 @@
-"""#11 Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
+"""Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
 
-Target (issue 11): at 224 px, batch 32, random weights (ViT-B/16; --quick: ViT-B/32), the streamed loader costs at
+Target: at 224 px, batch 32, random weights (ViT-B/16; --quick: ViT-B/32), the streamed loader costs at
 most 10 % more per image than the in-memory path on the same threads (the images decoded in the same process:
 ``--workers 0``, the CPU default). Each variant trains one epoch of ``steps + 1`` batches in its own process
 (interleaved A, B, A, B); the first step (warm-up) is left out and the time per image is the median step's. Peak

@@ -123,16 +123,6 @@ class ImageSet:
             meta=dict(self.meta),
         )
 
-    def relabel(self, keep_classes: Sequence[int], name: str | None = None) -> "ImageSet":
-        """Keep only images of ``keep_classes`` and renumber labels 0..len(keep_classes)-1 in that order."""
-        keep = list(keep_classes)
-        remap = {c: j for j, c in enumerate(keep)}
-        idx = [i for i in range(len(self)) if int(self.labels[i]) in remap]
-        out = self.subset(idx, name=name)
-        out.labels = np.array([remap[int(c)] for c in out.labels], dtype=np.int64)
-        out.class_names = [self.class_names[c] for c in keep]
-        return out
-
 
 def _gray_to_rgb(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)

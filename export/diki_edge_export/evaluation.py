@@ -19,7 +19,7 @@ from diki_edge.evaluation.methods.common import (
     LearnReport,
     Method,
     Outcome,
-    _own_or_selected,
+    own_or_selected,
     set_key,
 )
 from diki_edge.evaluation.methods.diki import DikiEngine
@@ -84,7 +84,7 @@ class OnnxDiki(Method):
 
     def evaluate(self, task: EvalTask, holdout: bool = False) -> Outcome:
         self._ensure_export()
-        own = _own_or_selected(task, holdout, self.learned)
+        own = own_or_selected(task, holdout, self.learned)
         results = self._predict(task, holdout, None if own else list(task.class_names))
         bad = [r.error for r in results if not r.ok]
         if bad:

@@ -230,7 +230,7 @@ def image_target(plan: Plan) -> GraphTarget:
 
 def text_target(plan: Plan) -> GraphTarget:
     """``text.onnx``: :class:`diki_edge_export.text.TextGraph` against ``DikiCLIP.encode_text``."""
-    from diki_edge.model import _text_transformer
+    from diki_edge.model import text_transformer
     from diki_edge_export import text as T
     from diki_edge_export.graph import frozen_attention_rewritten
     from diki_edge_runtime.tokenizer import ClipTokenizer
@@ -251,7 +251,7 @@ def text_target(plan: Plan) -> GraphTarget:
         dynamic_axes(TEXT_GRAPH_INPUTS + TEXT_GRAPH_OUTPUTS),
         module=lambda dtype: T.TextGraph(plan.diki, dtype),
         example=lambda: _example_text_inputs(plan),
-        rewrite=lambda graph: frozen_attention_rewritten(_text_transformer(graph.diki.clip).resblocks),
+        rewrite=lambda graph: frozen_attention_rewritten(text_transformer(graph.diki.clip).resblocks),
         cases=lambda steps: T.text_cases(plan.bank, ClipTokenizer(plan.tokenizer_text, plan.tokenizer_spec)),
         reference=reference,
         runner=T.text_runner,

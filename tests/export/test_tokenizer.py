@@ -1,4 +1,4 @@
-"""The runtime's torch-free tokenizer against open_clip's, id for id (issue 10, must-hold 2).
+"""The runtime's torch-free tokenizer against open_clip's, id for id.
 
 ``tokenizer.json`` is built by the exporter from the backbone's own open_clip tokenizer; the runtime reproduces
 open_clip's cleaning in Python and the split + byte mapping + BPE with Hugging Face ``tokenizers``. Checked on
