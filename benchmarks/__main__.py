@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         path = write_result(result, cfg.out_dir)
         render(result, console)
-        console.print(f"[dim]  ({result['seconds']} s) -> {path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        console.print(f"[dim]  ({result['seconds']} s) -> {shown}"
                       "[/dim]\n")
         results.append(result)
 

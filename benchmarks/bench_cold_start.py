@@ -5,7 +5,8 @@ registered in ``diki_edge.cli``, the same ``predict_command`` through a two-line
 tests do). PyTorch side: ``python -m benchmarks._torch_predict`` — load the backbone from a local safetensors
 checkpoint, the bank, ``CalibratedDiki``, open_clip's transform. Both predict the same familiar image (both passes
 run). Time = from ``Popen`` to the first JSON line on stdout; peak RSS = the child's own VmHWM, reported at exit
-(``ru_maxrss`` would include this harness's RSS, inherited across fork + exec). One untimed warm-up run each (page cache), then interleaved runs. A separate run of the command
+(``ru_maxrss`` would include this harness's RSS, inherited across fork + exec).
+One untimed warm-up run each (page cache), then interleaved runs. A separate run of the command
 with an import hook checks that the runtime never imports torch, torchvision or open_clip.
 """
 

@@ -8,7 +8,8 @@ eval transform and ``CalibratedDiki`` in the fastest eager configuration of
 familiar (``M`` ~ 1: both passes run, the expensive case). Timed side by side, interleaved, after warm-up.
 
 The ratio is reported, not targeted: both sides spend most of their time in the same float32 GEMMs, at a large
-fraction of what this CPU can do at all (the roofline benchmark), so a ratio against PyTorch says little about what is left.
+fraction of what this CPU can do at all (the roofline benchmark), so a ratio against PyTorch says little about what is
+left.
 Where the time goes is recorded from ONNX Runtime's profiler (per op type) at batch 1.
 """
 

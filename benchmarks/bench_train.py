@@ -81,7 +81,8 @@ def _one(mode: str, model: str, data: Path, batch: int, threads: int, device: st
     args = ["--worker", mode, "--model", model, "--data", str(data), "--batch", str(batch), "--device", device,
             "--precision", precision, "--threads", str(threads)]
     if world == 1:
-        code = "import runpy, sys; sys.argv[0] = 'bench_train'; runpy.run_module('benchmarks.bench_train', run_name='__main__')"
+        code = ("import runpy, sys; sys.argv[0] = 'bench_train'; "
+                "runpy.run_module('benchmarks.bench_train', run_name='__main__')")
         cmd = python_cmd(code, *args)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
@@ -119,7 +120,8 @@ def measure(cfg: Config) -> dict[str, Any]:
     rows = []
     for mode, rs in runs.items():
         rows.append({"variant": f"{mode} (1 process, {threads} threads)", "s/step": f"{_median_step(rs):.3f}",
-                     "images/s": f"{1 / per_image[mode]:.1f}", "peak RSS MiB": f"{max(r['peak_rss_mib'] for r in rs):.0f}",
+                     "images/s": f"{1 / per_image[mode]:.1f}",
+                     "peak RSS MiB": f"{max(r['peak_rss_mib'] for r in rs):.0f}",
                      "vs in-memory": f"{per_image[mode] / per_image['memory']:.3f}",
                      "met": (ratio <= 1.10) if mode == "streamed" else None, "data": rs})
     notes = [f"{model}, random weights, {IMAGE_SIZE} px, batch {batch}, {steps} timed steps per run, "

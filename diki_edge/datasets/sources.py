@@ -390,9 +390,9 @@ def _render(font, text: str, canvas: int, size: int, scale: float, dx: float, dy
 
     big = Image.new("RGB", (canvas, canvas), bg)
     draw = ImageDraw.Draw(big)
-    l, t, r, b = font.getbbox(text)
-    rl, _, rr, _ = font.getbbox("\U0001F600")
-    if (r - l) > 1.5 * (rr - rl):  # sequence not shaped into one glyph (font lacks it)
+    left, _, right, _ = font.getbbox(text)
+    one_left, _, one_right, _ = font.getbbox("\U0001F600")
+    if (right - left) > 1.5 * (one_right - one_left):  # sequence not shaped into one glyph (font lacks it)
         return None
     draw.text((canvas / 2, canvas / 2), text, font=font, embedded_color=True, anchor="mm")
     # scale / shift: crop a window around the centre, then resize to `size`

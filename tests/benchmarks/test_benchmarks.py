@@ -87,8 +87,8 @@ def test_params_figure_matches_issue():
 def test_roofline_counts_and_peaks(tiny_results):
     from benchmarks.roofline import cpu_flags, has_bf16_units
 
-    """The roofline benchmark on the tiny model: both peaks measured, every path's work counted from its graph, and PyTorch's own
-    counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
+    """The roofline benchmark on the tiny model: both peaks measured, every path's work counted from its graph, and
+    PyTorch's own counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
     out, _, _ = tiny_results
     res = json.loads((out / "roofline.json").read_text())
     assert all(g > 0 for k in ("fp32", "int8") for g in res["peaks"][k]["gflops_by_block"])

@@ -72,7 +72,8 @@ def encode_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
 
 
 def fit_baseline(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-         logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, schedule: Schedule) -> tuple[float, float]:
+                 logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                 schedule: Schedule) -> tuple[float, float]:
     """The baselines train with DIKI's own loop (same batching and cosine schedule)."""
     g = torch.Generator().manual_seed(schedule.seed)
     return cross_entropy_loop(opt, logits_fn, labels, schedule.epochs, schedule.batch_size, g)
