@@ -51,7 +51,7 @@ system-data:
 # The documentation site into site/ (ignored); --strict turns every warning (a broken link, a docstring mkdocstrings
 # cannot read) into a failure.
 docs: env
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: env
 	$(BIN)/ruff check .
