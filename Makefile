@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env demo test test-runtime bench bench-quick clean system-data
+.PHONY: env demo test test-runtime docs lint bench bench-quick clean system-data
 
 env: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml runtime/pyproject.toml export/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e "./runtime[serve]" -e ./export -e ".[cpu,export,data,dev]"
+	$(BIN)/pip install --quiet -e "./runtime[serve]" -e ./export -e ".[cpu,export,data,dev,docs]"
 	touch $@
 
 demo: env
@@ -48,6 +48,14 @@ system-data:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null; \
 	  else echo "note: apt-get install dataset-fashion-mnist fonts-noto-color-emoji to run every dataset test"; fi; fi
 
+# The documentation site into site/ (ignored); --strict turns every warning (a broken link, a docstring mkdocstrings
+# cannot read) into a failure.
+docs: env
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+lint: env
+	$(BIN)/ruff check .
+
 bench: env
 	$(BIN)/python -m benchmarks --require-quiet
 
@@ -55,4 +63,4 @@ bench-quick: env
 	$(BIN)/python -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) $(RUNTIME_VENV) demo-out dist
+	rm -rf $(VENV) $(RUNTIME_VENV) demo-out dist site

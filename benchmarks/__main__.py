@@ -1,6 +1,6 @@
 """``python -m benchmarks [--quick | --tiny] [--only NAME ...] [--provider cpu|cuda] [--threads N] [--out DIR]``
 
-Runs the measurements of issue 6 (see benchmarks/README section in the project README), prints one rich table per
+Runs the suite's measurements (docs/benchmarks.md), prints one rich table per
 measurement and a summary of targets met / missed, and writes ``<out>/<name>.json`` (default
 ``benchmarks/results/``) plus ``<out>/summary.json``, each with the machine description.
 
@@ -58,13 +58,13 @@ OWN = [
     ("text_table", "benchmarks.bench_text_table", 3),
     ("reexport", "benchmarks.bench_reexport", 4),
     ("scaling", "benchmarks.bench_scaling", 5),
-    ("cold_start", "benchmarks.bench_cold_start", 6),  # also #7 (peak RSS)
+    ("cold_start", "benchmarks.bench_cold_start", 6),  # also the peak RSS
     ("int8", "benchmarks.bench_int8", 8),
     ("roofline", "benchmarks.bench_roofline", 10),
-    ("throughput", "benchmarks.bench_throughput", 13),  # issue 13: decode pool, fast decode
-    ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # issue 13: ViT-B/16, low memory
-    ("train", "benchmarks.bench_train", 11),  # issue 11: streamed vs in-memory training, gloo, CUDA fp32/bf16
-    ("labels", "benchmarks.bench_labels", 12),  # issue 10: labels at prediction time, encode_text, label cache
+    ("throughput", "benchmarks.bench_throughput", 13),  # decode pool, fast decode
+    ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # ViT-B/16, low memory
+    ("train", "benchmarks.bench_train", 11),  # streamed vs in-memory training, gloo, CUDA fp32/bf16
+    ("labels", "benchmarks.bench_labels", 12),  # labels at prediction time, encode_text, label cache
     ("serve", "benchmarks.bench_serve", 20),  # diki-edge serve: batching, overload, reload under load, idle unload
     ("train_memory", "benchmarks.bench_train_memory", 19),  # training peak RSS flat in the number of images
 ]
@@ -236,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         path = write_result(result, cfg.out_dir)
         render(result, console)
-        console.print(f"[dim]  ({result['seconds']} s) -> {path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        console.print(f"[dim]  ({result['seconds']} s) -> {shown}"
                       "[/dim]\n")
         results.append(result)
 
     summary = Table(title="summary: targets", title_justify="left")
-    for col in ("#", "measurement", "target", "result", "s"):
+    for col in ("name", "measurement", "target", "result", "s"):
         summary.add_column(col)
     styles = {"met": "[green]met[/green]", "missed": "[red]MISSED[/red]", "report": "[dim]report[/dim]",
               "contended": "[yellow]contended: no claim[/yellow]"}

@@ -1,4 +1,4 @@
-"""The PyTorch path of cold-start and memory measurements (#6, #7): process start to first prediction.
+"""The PyTorch path of cold-start and memory measurements (cold_start): process start to first prediction.
 
 What a user without the exported graph runs: load the backbone from a local checkpoint (open_clip builds the
 model, then loads the weights), wrap it with the adapters, load the bank, preprocess with open_clip's transform,

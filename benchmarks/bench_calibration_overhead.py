@@ -1,4 +1,4 @@
-"""#2 Calibrated inference vs a plain single-pass CLIP image encoder exported the same way.
+"""Calibrated inference vs a plain single-pass CLIP image encoder exported the same way.
 
 The plain encoder is open_clip's ``encode_image`` + L2 normalisation, exported with the same exporter settings
 as the calibrated graph (TorchScript exporter, opset 18, constant folding, dynamic batch, MHA fast path off) and

@@ -1,11 +1,12 @@
-"""#6 Cold start (process start to first prediction) and #7 peak RSS: ``diki-edge predict`` vs the PyTorch path.
+"""Cold start (process start to first prediction) and peak RSS: ``diki-edge predict`` vs the PyTorch path.
 
 Runtime side: ``diki-edge predict IMAGE --model DIR --json --threads N`` (or, while the command is not yet
 registered in ``diki_edge.cli``, the same ``predict_command`` through a two-line typer app, as the runtime's
 tests do). PyTorch side: ``python -m benchmarks._torch_predict`` — load the backbone from a local safetensors
 checkpoint, the bank, ``CalibratedDiki``, open_clip's transform. Both predict the same familiar image (both passes
 run). Time = from ``Popen`` to the first JSON line on stdout; peak RSS = the child's own VmHWM, reported at exit
-(``ru_maxrss`` would include this harness's RSS, inherited across fork + exec). One untimed warm-up run each (page cache), then interleaved runs. A separate run of the command
+(``ru_maxrss`` would include this harness's RSS, inherited across fork + exec).
+One untimed warm-up run each (page cache), then interleaved runs. A separate run of the command
 with an import hook checks that the runtime never imports torch, torchvision or open_clip.
 """
 
@@ -31,7 +32,7 @@ from benchmarks.world import get_world
 
 NAME = "cold_start"
 TITLE = "cold start and peak RSS: diki-edge predict (torch-free) vs the PyTorch path"
-TARGET = "report; runtime must not import torch (#6); runtime peak RSS lower (#7)"
+TARGET = "report; runtime must not import torch; runtime peak RSS lower"
 
 TYPER_APP = textwrap.dedent("""
     import sys, typer
@@ -124,13 +125,13 @@ def measure(cfg: Config) -> dict[str, Any]:
         })
     speed = first["pytorch"].median / first["runtime"].median
     rss_ratio = rss_med["pytorch"] / rss_med["runtime"]
-    rows.append({"path": "#6 runtime vs PyTorch", "to first prediction": f"{speed:.1f}x faster",
+    rows.append({"path": "runtime vs PyTorch", "to first prediction": f"{speed:.1f}x faster",
                  "process total": "", "peak RSS": "", "imports torch": "must be no",
                  "prediction": "same task/top-1" if (preds["runtime"]["task"] == preds["pytorch"]["task"] and
                                                      preds["runtime"]["top_k"][0]["class"] ==
                                                      preds["pytorch"]["top_k"][0]["class"]) else "DIFFERENT",
                  "met": heavy == [], "data": {"speedup": speed, "heavy_imports": heavy}})
-    rows.append({"path": "#7 peak RSS", "to first prediction": "", "process total": "",
+    rows.append({"path": "peak RSS", "to first prediction": "", "process total": "",
                  "peak RSS": f"runtime {rss_ratio:.1f}x lower", "imports torch": "", "prediction": "",
                  "met": rss_med["runtime"] < rss_med["pytorch"], "data": {"rss_ratio": rss_ratio}})
     notes = [f"{model}; {len(runs['runtime'])} timed cold starts per side after one warm-up, interleaved",

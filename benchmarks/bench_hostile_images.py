@@ -1,4 +1,4 @@
-"""Peak memory of predicting hostile image sizes (issue 12): each must cost < 300 MB peak RSS, predict or be too_large.
+"""Peak memory of predicting hostile image sizes: each must cost < 300 MB peak RSS, predict or be too_large.
 
     python benchmarks/bench_hostile_images.py [--runtime PATH]
 

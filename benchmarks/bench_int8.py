@@ -1,11 +1,11 @@
-"""#8 Reduced-precision variants vs fp32: int8 on the CPU (dynamic quantisation), fp16 only with CUDA.
+"""Reduced-precision variants vs fp32: int8 on the CPU (dynamic quantisation), fp16 only with CUDA.
 
 Both graphs come from ``export_model(precision=...)`` of the same bank (the int8 one has passed the exporter's
 own validation against fp32). Graph runs on the same preprocessed familiar images (both passes run), sessions
 configured like the runtime's, interleaved. Agreement over familiar and unfamiliar images: selected task, top-1
 class, minimum cosine of the final embeddings. fp16 only when a GPU is lent (``--provider cuda``).
 
-Target (set from the hardware, issue 14): int8 >= 1.8x the fp32 graph at batch 8, with the export's int8 bounds
+Target (set from the hardware): int8 >= 1.8x the fp32 graph at batch 8, with the export's int8 bounds
 held — the exporter's own validation passed (``manifest.json``: embedding cosine and top-1 agreement on real
 photos) and the benchmark's images keep the cosine bound (``diki_edge_export.validate.INT8_MIN_COSINE``). Top-1
 agreement on the benchmark's images is reported, not bounded: their class table is random unit vectors, whose

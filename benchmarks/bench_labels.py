@@ -1,4 +1,4 @@
-"""#12 Labels at prediction time (issue 10): cost of a cached label set, of the first call, ``encode_text``
+"""Labels at prediction time: cost of a cached label set, of the first call, ``encode_text``
 throughput, label-table memory.
 
 * cached label set vs image-only ``Predictor.predict`` (same images, same predictor, interleaved; b1 and b8):

@@ -1,4 +1,4 @@
-"""#1 ``Predictor.predict`` (ONNX Runtime, CPU) vs the PyTorch calibrated model at its fastest eager setting.
+"""``Predictor.predict`` (ONNX Runtime, CPU) vs the PyTorch calibrated model at its fastest eager setting.
 
 Both sides start from the same decoded uint8 images (HWC numpy) and end with the calibrated outputs: the runtime
 through ``Predictor.predict`` (numpy/Pillow preprocessing, one graph run, top-k), PyTorch through open_clip's
@@ -8,7 +8,8 @@ eval transform and ``CalibratedDiki`` in the fastest eager configuration of
 familiar (``M`` ~ 1: both passes run, the expensive case). Timed side by side, interleaved, after warm-up.
 
 The ratio is reported, not targeted: both sides spend most of their time in the same float32 GEMMs, at a large
-fraction of what this CPU can do at all (#10 roofline), so a ratio against PyTorch says little about what is left.
+fraction of what this CPU can do at all (the roofline benchmark), so a ratio against PyTorch says little about what is
+left.
 Where the time goes is recorded from ONNX Runtime's profiler (per op type) at batch 1.
 """
 
@@ -30,7 +31,7 @@ from benchmarks.world import World, get_world
 
 NAME = "latency"
 TITLE = "Predictor.predict (ONNX Runtime) vs PyTorch calibrated model (fastest eager), same threads"
-TARGET = "report (the target lives in #10: fraction of the measured peak)"
+TARGET = "report (the target lives in roofline: fraction of the measured peak)"
 
 
 def torch_predictor(w: World, images: list[np.ndarray]):

@@ -1,6 +1,6 @@
-"""#9 Trainable parameters per task and in total, against the frozen backbone (no timing).
+"""Trainable parameters per task and in total, against the frozen backbone (no timing).
 
-Target (issue 6): ViT-B/16 has 163,840 trainable parameters per task (8 adapted layers x 2 (K_r, V_r) x l=8 x
+Target: ViT-B/16 has 163,840 trainable parameters per task (8 adapted layers x 2 (K_r, V_r) x l=8 x
 (768 image + 512 text width)). The count is taken from the modules themselves (a fresh ``TaskAdapter``), and
 checked against the bank's own ``trainable_parameters_per_task`` and the formula.
 """

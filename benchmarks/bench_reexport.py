@@ -1,4 +1,4 @@
-"""#4 Swapping the bank of a running Predictor vs a full re-export.
+"""Swapping the bank of a running Predictor vs a full re-export.
 
 Two ways to serve another 11-task bank: ``Predictor.load_bank(path)`` (read + validate the safetensors file, cast
 the arrays; on CUDA one upload) vs ``export_model(bank, out, force=True)`` (trace, write, validate against

@@ -1,4 +1,4 @@
-"""#10 Roofline: work per image counted from the graphs, and the fraction of this CPU's measured GEMM peak.
+"""Roofline: work per image counted from the graphs, and the fraction of this CPU's measured GEMM peak.
 
 The machine's limit is measured, not looked up: one 4096-cube GEMM per precision and library on the same
 threads — float32 through ONNX Runtime (``MatMul``) and PyTorch (``torch.mm``), int8 through ONNX Runtime
@@ -17,7 +17,7 @@ image decoding):
   where it fuses anything, the same after ONNX Runtime's transformer optimizer;
 * PyTorch ``CalibratedDiki``, fastest eager configuration (:mod:`benchmarks.torch_eager`), familiar.
 
-Achieved GFLOP/s = counted GFLOP per image / median seconds per image. Target (issue 14): ViT-B/16, familiar,
+Achieved GFLOP/s = counted GFLOP per image / median seconds per image. Target: ViT-B/16, familiar,
 float32, batch 8 >= 75 % of the measured float32 peak. Other rows are reported.
 """
 

@@ -1,10 +1,11 @@
-"""#5 Latency and memory as the bank grows: 1, 11, 50, 100 tasks on the same graph.
+"""Latency and memory as the bank grows: 1, 11, 50, 100 tasks on the same graph.
 
 Banks with more than 11 tasks repeat the 11 tasks' arrays under new names (9-10 classes each, so 100 tasks carry
 ~900 classes): the per-task work — one more ``[D, D]`` whitening in the Gaussian scoring matmul, one more slot
 in the gathers, ~9 more classes in the table — is what grows. Graph runs at batch 1 (ONNX Runtime session
 configured like the runtime's), familiar (two passes) and unfamiliar (one pass) images, all task counts timed
-interleaved together with the plain single-pass encoder of #2. Per-task cost = least-squares slope of the median
+interleaved together with the plain single-pass encoder of calibration_overhead.
+Per-task cost = least-squares slope of the median
 latency over the task count; target: <= 1 % of one encoder pass (the plain encoder's median) per extra task.
 Memory: the bank's graph-input bytes, and the peak RSS of a fresh process that loads the model with that bank and
 predicts one image (``Predictor``, torch-free).

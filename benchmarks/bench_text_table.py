@@ -1,4 +1,4 @@
-"""#3 Class scoring from the cached text table vs the reference's way (re-encode every class prompt each batch).
+"""Class scoring from the cached text table vs the reference's way (re-encode every class prompt each batch).
 
 Reference way (DIKI's public implementation): for each batch, pick the task (majority vote), take the batch-mean
 ``M``, run all 100 class prompts (pre-tokenised, which favours the reference) through the text encoder with that
@@ -34,7 +34,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from diki_edge.calibrated import (
-        _mask_other_tasks,
+        mask_other_tasks,
         class_text_table,
         exact_class_embeds,
         interpolate_class_table,
@@ -69,14 +69,14 @@ def measure(cfg: Config) -> dict[str, Any]:
             m = torch.full((tokens_all.shape[0],), float(weight.mean()))
             text = diki.encode_text(tokens_all, text_k[t][None], text_v[t][None], m)  # [C, D]
             logits = scale * f @ text.T
-            return _mask_other_tasks(logits, class_task, torch.full_like(task, t))
+            return mask_other_tasks(logits, class_task, torch.full_like(task, t))
 
     def cached(b: int):
         with torch.inference_mode():
             f, task, weight = f_by_b[b], task_by_b[b], weight_by_b[b]
             table = interpolate_class_table(inputs["class_embeds"], weight)
             logits = scale * torch.einsum("bd,bcd->bc", f, table)
-            return _mask_other_tasks(logits, class_task, task)
+            return mask_other_tasks(logits, class_task, task)
 
     fns = {f"reference b{bmax}": lambda: reference(bmax)}
     fns.update({f"cached b{b}": (lambda b=b: cached(b)) for b in batches})

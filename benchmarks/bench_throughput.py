@@ -1,4 +1,4 @@
-"""Throughput on a photo library (issue 13): pipelined decoding, fast JPEG decoding, low-memory sessions.
+"""Throughput on a photo library: pipelined decoding, fast JPEG decoding, low-memory sessions.
 
 Setting: 200 JPEG photographs of 1600 x 1200 (quality 90), random crops / flips / brightness changes of eight
 scikit-image photographs, and the bundled ``diki-tiny`` backbone exported with five synthetic tasks whose
@@ -242,7 +242,7 @@ def measure_vit(cfg: Config) -> dict[str, Any]:
     repeats = 1 if cfg.tiny else max(3, cfg.slow_repeats)
     t = time_side_by_side({"pool": lambda: pooled.predict(some, batch_size=BATCH),
                            "workers0": lambda: unpooled.predict(some, batch_size=BATCH)}, warmup=1, repeats=repeats)
-    del pooled, unpooled
+    pooled = unpooled = None  # both sessions released before the next measurement
     r = ratio(t["workers0"], t["pool"])
     label = "tiny test backbone" if cfg.tiny else "ViT-B/16"
     rows = [{"model": label, "what": f"predict({len(some)} photos), default workers vs workers=0",

@@ -1,6 +1,6 @@
-"""#11 Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
+"""Training throughput: the streamed loader vs images held in memory, 2 Gloo processes vs 1, fp32 vs bf16 on CUDA.
 
-Target (issue 11): at 224 px, batch 32, random weights (ViT-B/16; --quick: ViT-B/32), the streamed loader costs at
+Target: at 224 px, batch 32, random weights (ViT-B/16; --quick: ViT-B/32), the streamed loader costs at
 most 10 % more per image than the in-memory path on the same threads (the images decoded in the same process:
 ``--workers 0``, the CPU default). Each variant trains one epoch of ``steps + 1`` batches in its own process
 (interleaved A, B, A, B); the first step (warm-up) is left out and the time per image is the median step's. Peak
@@ -81,7 +81,8 @@ def _one(mode: str, model: str, data: Path, batch: int, threads: int, device: st
     args = ["--worker", mode, "--model", model, "--data", str(data), "--batch", str(batch), "--device", device,
             "--precision", precision, "--threads", str(threads)]
     if world == 1:
-        code = "import runpy, sys; sys.argv[0] = 'bench_train'; runpy.run_module('benchmarks.bench_train', run_name='__main__')"
+        code = ("import runpy, sys; sys.argv[0] = 'bench_train'; "
+                "runpy.run_module('benchmarks.bench_train', run_name='__main__')")
         cmd = python_cmd(code, *args)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
@@ -119,7 +120,8 @@ def measure(cfg: Config) -> dict[str, Any]:
     rows = []
     for mode, rs in runs.items():
         rows.append({"variant": f"{mode} (1 process, {threads} threads)", "s/step": f"{_median_step(rs):.3f}",
-                     "images/s": f"{1 / per_image[mode]:.1f}", "peak RSS MiB": f"{max(r['peak_rss_mib'] for r in rs):.0f}",
+                     "images/s": f"{1 / per_image[mode]:.1f}",
+                     "peak RSS MiB": f"{max(r['peak_rss_mib'] for r in rs):.0f}",
                      "vs in-memory": f"{per_image[mode] / per_image['memory']:.3f}",
                      "met": (ratio <= 1.10) if mode == "streamed" else None, "data": rs})
     notes = [f"{model}, random weights, {IMAGE_SIZE} px, batch {batch}, {steps} timed steps per run, "

@@ -485,7 +485,7 @@ def render(result: dict[str, Any], console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"#{result.get('number', '?')} {result['title']}", title_justify="left",
+    table = Table(title=f"{result['name']}: {result['title']}", title_justify="left",
                   caption=f"target: {result['target']}", caption_justify="left")
     for c in result["columns"]:
         table.add_column(c, no_wrap=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The DCIL benchmark (issue 5): every method side by side on both task orders, on the bundled diki-tiny.
+"""The DCIL benchmark: every method side by side on both task orders, on the bundled diki-tiny.
 
     HF_HUB_OFFLINE=1 python benchmarks/dcil.py              # the full benchmark (<= 20 min on 2 CPU cores)
     HF_HUB_OFFLINE=1 python benchmarks/dcil.py --quick      # the reduced version (a few minutes)

@@ -101,7 +101,8 @@ def main() -> int:
         table.add_row(r["model"], r["precision"], f"{r['export_seconds']:.1f}", f"{r['model_mb']:.1f}",
                       fmt(r["fp32_embeds_max_abs"], ".1e"), fmt(r["fp32_scores_max_rel"], ".1e"),
                       fmt(r["fp32_weight_max_abs"], ".1e"),
-                      "" if r["fp32_task_mismatches"] is None else f"{r['fp32_task_mismatches']}/{r['fp32_top1_mismatches']}",
+                      "" if r["fp32_task_mismatches"] is None
+                      else f"{r['fp32_task_mismatches']}/{r['fp32_top1_mismatches']}",
                       fmt(r["variant_cosine_min"], ".5f"), fmt(r["variant_top1_agreement"], ".3f"))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

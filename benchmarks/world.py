@@ -8,13 +8,13 @@
   the span the task's covariance was fitted on, so their log-density is far above ``D`` and ``M`` ~ 1 (pass 2
   runs). **Unfamiliar** images are uniform pixel noise: far from every task, ``M`` ~ 0 (pass 2 skipped);
 * adapters are random (``V_r`` non-zero, so pass 2 really changes the embedding); the class text table is random
-  unit vectors for the speed measurements (speed does not depend on its values; #3 encodes a real one).
+  unit vectors for the speed measurements (speed does not depend on its values; text_table encodes a real one).
 
-Banks with more tasks (scaling, #5) repeat the 11 tasks' arrays under new names.
+Banks with more tasks (scaling) repeat the 11 tasks' arrays under new names.
 
 Built artefacts (bank files, exported model folders, a safetensors checkpoint of the random weights for the
 PyTorch cold-start path) are cached under ``Config.cache_dir`` keyed by the setting, so repeated runs skip the
-slow parts that are not themselves being measured; the re-export measurement (#4) always exports afresh.
+slow parts that are not themselves being measured; the re-export measurement (reexport) always exports afresh.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def interpolate_class_table(class_embeds: torch.Tensor, weight: torch.Tensor) ->
     return F.normalize(table, dim=-1)
 
 
-def _mask_other_tasks(logits: torch.Tensor, class_task: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+def mask_other_tasks(logits: torch.Tensor, class_task: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     other = class_task.unsqueeze(0) != task.unsqueeze(1)
     return logits.masked_fill(other, float("-inf"))
 
@@ -109,7 +109,7 @@ class CalibratedDiki(nn.Module):
         """``[B, C]`` logits against the text table at each sample's ``M``; other tasks' classes at ``-inf``."""
         table = interpolate_class_table(class_embeds, text_weight)
         logits = self.logit_scale * torch.einsum("bd,bcd->bc", f, table)
-        return _mask_other_tasks(logits, class_task, task)
+        return mask_other_tasks(logits, class_task, task)
 
     def forward(self, pixel_values: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
                 gauss_mean: torch.Tensor, gauss_whiten: torch.Tensor, gauss_const: torch.Tensor,

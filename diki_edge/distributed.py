@@ -70,13 +70,6 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank iff ``ok`` on every rank: how all ranks end with the same exit status."""
-        if not self.active:
-            return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return int(flag.item()) == 0
 
 
 def launched_by_torchrun() -> bool:

@@ -129,7 +129,7 @@ def adapted_depth(num_blocks: int, fraction: float = DEFAULT_DEPTH_FRACTION) -> 
     return max(1, min(num_blocks, int(round(num_blocks * fraction))))
 
 
-def _text_transformer(clip: nn.Module) -> nn.Module:
+def text_transformer(clip: nn.Module) -> nn.Module:
     if hasattr(clip, "transformer") and hasattr(clip.transformer, "resblocks"):
         return clip.transformer
     text = getattr(clip, "text", None)
@@ -159,7 +159,7 @@ def unwrapped_copy(clip: nn.Module) -> nn.Module:
     """A deep copy of an open_clip CLIP with any injected residual wrappers removed: the inverse of the wrapping
     :class:`DikiCLIP` does (``_inject``), kept beside it so the two cannot drift apart."""
     clip = copy.deepcopy(clip)
-    for blocks in (clip.visual.transformer.resblocks, _text_transformer(clip).resblocks):
+    for blocks in (clip.visual.transformer.resblocks, text_transformer(clip).resblocks):
         for block in blocks:
             if isinstance(getattr(block, "attn", None), ResidualKVAttention):
                 block.attn = block.attn.frozen
@@ -190,7 +190,7 @@ class DikiCLIP(nn.Module):
         for p in clip.parameters():
             p.requires_grad_(False)
         visual_blocks = clip.visual.transformer.resblocks
-        text_tf = _text_transformer(clip)
+        text_tf = text_transformer(clip)
         image_layers = adapted_depth(len(visual_blocks)) if image_layers is None else image_layers
         text_layers = adapted_depth(len(text_tf.resblocks)) if text_layers is None else text_layers
         if not 1 <= image_layers <= len(visual_blocks) or not 1 <= text_layers <= len(text_tf.resblocks):

@@ -68,7 +68,8 @@ def graph_output_errors(got: dict, want: dict, inputs: dict) -> dict[str, float]
     d_scores = np.abs(got["task_scores"].astype(np.float64) - want["task_scores"])
     return {"embeds": embeds / tol.EMBED_MAX_ABS,
             "scores": float((d_scores / score_bound).max(initial=0.0)),
-            "weight": float((np.abs(got["weight"].astype(np.float64) - want["weight"]) / weight_bound).max(initial=0.0)),
+            "weight": float((np.abs(got["weight"].astype(np.float64) - want["weight"]) / weight_bound)
+                            .max(initial=0.0)),
             "task_disagreements": float(np.sum(~tol.tasks_agree(got["task"], want["task_scores"].astype(np.float64),
                                                                  want["task"], score_bound)))}
 

@@ -123,16 +123,6 @@ class ImageSet:
             meta=dict(self.meta),
         )
 
-    def relabel(self, keep_classes: Sequence[int], name: str | None = None) -> "ImageSet":
-        """Keep only images of ``keep_classes`` and renumber labels 0..len(keep_classes)-1 in that order."""
-        keep = list(keep_classes)
-        remap = {c: j for j, c in enumerate(keep)}
-        idx = [i for i in range(len(self)) if int(self.labels[i]) in remap]
-        out = self.subset(idx, name=name)
-        out.labels = np.array([remap[int(c)] for c in out.labels], dtype=np.int64)
-        out.class_names = [self.class_names[c] for c in keep]
-        return out
-
 
 def _gray_to_rgb(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
@@ -400,9 +390,9 @@ def _render(font, text: str, canvas: int, size: int, scale: float, dx: float, dy
 
     big = Image.new("RGB", (canvas, canvas), bg)
     draw = ImageDraw.Draw(big)
-    l, t, r, b = font.getbbox(text)
-    rl, _, rr, _ = font.getbbox("\U0001F600")
-    if (r - l) > 1.5 * (rr - rl):  # sequence not shaped into one glyph (font lacks it)
+    left, _, right, _ = font.getbbox(text)
+    one_left, _, one_right, _ = font.getbbox("\U0001F600")
+    if (right - left) > 1.5 * (one_right - one_left):  # sequence not shaped into one glyph (font lacks it)
         return None
     draw.text((canvas / 2, canvas / 2), text, font=font, embedded_color=True, anchor="mm")
     # scale / shift: crop a window around the centre, then resize to `size`

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diki_edge.model import adapted_depth
+from diki_edge.model import adapted_depth, text_transformer
 
 
 class PromptSlot:
@@ -90,12 +90,6 @@ class PromptedBlock(nn.Module):
         return out if self.batch_first else out.transpose(0, 1)
 
 
-def _text_transformer(clip: nn.Module) -> nn.Module:
-    from diki_edge.model import _text_transformer as find
-
-    return find(clip)
-
-
 class PromptedCLIP(nn.Module):
     """A frozen open_clip CLIP whose first blocks accept prompt tokens (see the module docstring)."""
 
@@ -106,7 +100,7 @@ class PromptedCLIP(nn.Module):
         for q in clip.parameters():
             q.requires_grad_(False)
         vis = clip.visual.transformer
-        txt = _text_transformer(clip)
+        txt = text_transformer(clip)
         self.image_layers = adapted_depth(len(vis.resblocks)) if image_layers is None else image_layers
         self.text_layers = adapted_depth(len(txt.resblocks)) if text_layers is None else text_layers
         self.prompt_length = prompt_length

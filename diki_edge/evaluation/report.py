@@ -80,7 +80,7 @@ def holdout_table(results: dict[str, Any], order: str) -> str:
 
 
 def claims(results: dict[str, Any], order: str) -> list[tuple[str, str, bool | None]]:
-    """The paper's claims (issue 5), checked on one order's numbers: ``(claim, evidence, holds)``."""
+    """The paper's claims, checked on one order's numbers: ``(claim, evidence, holds)``."""
     m = results["orders"][order]["methods"]
     out: list[tuple[str, str, bool | None]] = []
     if "zero-shot" not in m or "diki" not in m:
@@ -130,7 +130,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                 f"{results.get('seconds_total')} s on {bench.get('torch_threads')} torch threads.", ""]
         out += ["Tasks: " + ", ".join(f"`{t['name']}` ({t['classes']} classes, {t['train']} train / {t['test']} test)"
                                       for t in bench.get("tasks", [])), ""]
-    out += ["Accuracies in %. Transfer / Avg / Last as in MTIL (DESIGN.md 1): Transfer = mean over tasks j ≥ 2 of "
+    out += ["Accuracies in %. Transfer / Avg / Last as in MTIL: Transfer = mean over tasks j ≥ 2 of "
             "the mean of A[t, j] for t < j; Avg = mean of the whole matrix; Last = mean of the final row. "
             "Held-out = zero-shot accuracy on held-out images of the backbone's pretraining domains, before the "
             "sequence (frozen backbone) and after it; 'untouched sets' are the held-out sets none of whose classes "

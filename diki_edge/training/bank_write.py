@@ -39,7 +39,8 @@ def open_or_create_bank(bank_path: Path, model: str | None, pretrained: str | No
         backbone = load_backbone(model, pretrained) if model else backbone_from_spec(spec)
         if backbone.weights_sha256 != existing.layout.backbone_hash:
             raise BankError(f"{bank_path}: bank was trained on another backbone (hash "
-                            f"{existing.layout.backbone_hash[:12]}), the given model has {backbone.weights_sha256[:12]}")
+                            f"{existing.layout.backbone_hash[:12]}), the given model has "
+                            f"{backbone.weights_sha256[:12]}")
         lay = existing.layout
         diki = DikiCLIP(backbone.model, lay.residual_length, lay.image_layers, lay.text_layers)
         return existing, backbone, diki

@@ -130,7 +130,8 @@ class EpochLoop:
                 st.batches_done += 1
                 st.global_step += 1
                 if progress:
-                    progress.update(batch_bar, advance=1, info=f"loss {self._pending[-1][0] / max(1, self._pending[-1][1]):.3f}")
+                    loss_sum, seen, _ = self._pending[-1]
+                    progress.update(batch_bar, advance=1, info=f"loss {loss_sum / max(1, seen):.3f}")
                 if self.after_step and st.batches_done < len(self.sampler):
                     self.after_step(self)
                 del batch  # the next batch is being loaded: hold one batch at a time, not two

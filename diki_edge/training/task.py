@@ -137,7 +137,8 @@ class TaskRun:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(objective, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-        return EpochLoop(model, opt, sched, self.source, sampler, cfg.epochs, ctx, self.precision, self.progress), adapter
+        loop = EpochLoop(model, opt, sched, self.source, sampler, cfg.epochs, ctx, self.precision, self.progress)
+        return loop, adapter
 
     def _snapshot(self, loop: EpochLoop, adapter: TaskAdapter, stats: GaussianStats, failures, mid_epoch: bool):
         st = loop.state

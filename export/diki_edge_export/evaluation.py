@@ -1,9 +1,9 @@
 """The DCIL benchmark's ``diki-onnx`` method (registered in the ``diki_edge.eval_methods`` entry-point group, so
-the training core's evaluator never imports the exporter): DIKI exported, the bank of each row exported once and run through the torch-free runtime's
-:meth:`~diki_edge_runtime.predictor.Predictor.predict`, every accuracy-matrix entry included: a learned task's
-images among the selected task's classes (the bank's own), a task not learned yet and the held-out sets among
-their own class names given as ``labels=`` (the runtime's text graph encodes them under the selected task's
-adapter at each image's ``M``, exactly as DIKI does)."""
+the training core's evaluator never imports the exporter): DIKI exported, the bank of each row exported once and
+run through the torch-free runtime's :meth:`~diki_edge_runtime.predictor.Predictor.predict`, every accuracy-matrix
+entry included: a learned task's images among the selected task's classes (the bank's own), a task not learned yet
+and the held-out sets among their own class names given as ``labels=`` (the runtime's text graph encodes them
+under the selected task's adapter at each image's ``M``, exactly as DIKI does)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from diki_edge.evaluation.methods.common import (
     LearnReport,
     Method,
     Outcome,
-    _own_or_selected,
+    own_or_selected,
     set_key,
 )
 from diki_edge.evaluation.methods.diki import DikiEngine
@@ -84,7 +84,7 @@ class OnnxDiki(Method):
 
     def evaluate(self, task: EvalTask, holdout: bool = False) -> Outcome:
         self._ensure_export()
-        own = _own_or_selected(task, holdout, self.learned)
+        own = own_or_selected(task, holdout, self.learned)
         results = self._predict(task, holdout, None if own else list(task.class_names))
         bad = [r.error for r in results if not r.ok]
         if bad:

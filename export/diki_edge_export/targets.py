@@ -16,7 +16,8 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 import numpy as np
 from diki_edge_runtime.contract import (
@@ -125,7 +126,8 @@ def validation_table(validations: dict[str, Any]):
             else:
                 table.add_row(label, c["name"], str(n), "", f"{c['cosine_min']:.5f}", "",
                               f"{c['weight_max_abs']:.0e}", f"{c['task_agree']}/{n}", f"{c['top1_agree']}/{n}")
-    table.caption = ("p2: images that ran pass 2; embeds: max |Δ| (fp32) or min cosine (fp16/int8).  fp32: embeds ≤ 1e-4, scores rel ≤ 1e-5, M ≤ 1e-5, same task/top-1.  "
+    table.caption = ("p2: images that ran pass 2; embeds: max |Δ| (fp32) or min cosine (fp16/int8).  "
+                     "fp32: embeds ≤ 1e-4, scores rel ≤ 1e-5, M ≤ 1e-5, same task/top-1.  "
                      f"fp16: cos ≥ {_v().FP16_MIN_COSINE}.  int8: cos ≥ {_v().INT8_MIN_COSINE}, "
                      f"top-1 ≥ {_v().INT8_MIN_TOP1_AGREEMENT:.0%}")
     table.caption_justify = "left"
@@ -154,7 +156,7 @@ class GraphTarget:
     axes: dict[str, dict[int, str]]  # dynamic axes of torch.onnx.export
     module: Callable[[Any], Any]  # encoder dtype -> the traceable nn.Module
     example: Callable[[], tuple]  # example inputs of the trace
-    rewrite: Callable[[Any], ContextManager]  # traced module -> the rewrite the trace runs under (graph.py)
+    rewrite: Callable[[Any], AbstractContextManager]  # traced module -> the rewrite the trace runs under (graph.py)
     cases: Callable[[Steps], list]  # validation cases
     reference: Callable[[Steps, list], dict]  # the PyTorch reference of the cases
     runner: Callable[[Any], Callable]  # ONNX Runtime session -> runner of one case
@@ -230,7 +232,7 @@ def image_target(plan: Plan) -> GraphTarget:
 
 def text_target(plan: Plan) -> GraphTarget:
     """``text.onnx``: :class:`diki_edge_export.text.TextGraph` against ``DikiCLIP.encode_text``."""
-    from diki_edge.model import _text_transformer
+    from diki_edge.model import text_transformer
     from diki_edge_export import text as T
     from diki_edge_export.graph import frozen_attention_rewritten
     from diki_edge_runtime.tokenizer import ClipTokenizer
@@ -251,7 +253,7 @@ def text_target(plan: Plan) -> GraphTarget:
         dynamic_axes(TEXT_GRAPH_INPUTS + TEXT_GRAPH_OUTPUTS),
         module=lambda dtype: T.TextGraph(plan.diki, dtype),
         example=lambda: _example_text_inputs(plan),
-        rewrite=lambda graph: frozen_attention_rewritten(_text_transformer(graph.diki.clip).resblocks),
+        rewrite=lambda graph: frozen_attention_rewritten(text_transformer(graph.diki.clip).resblocks),
         cases=lambda steps: T.text_cases(plan.bank, ClipTokenizer(plan.tokenizer_text, plan.tokenizer_spec)),
         reference=reference,
         runner=T.text_runner,

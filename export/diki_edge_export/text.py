@@ -1,4 +1,4 @@
-"""The text side of a model folder: the tokenizer file, the text encoder graph and its validation (issue 10).
+"""The text side of a model folder: the tokenizer file, the text encoder graph and its validation.
 
 * :func:`export_tokenizer` — ``tokenizer.json`` from the backbone's own open_clip tokenizer, checked id for id
   against it (:data:`TOKENIZER_PROBES` plus every class prompt of the bank); a tokenizer the runtime cannot
@@ -29,7 +29,7 @@ from torch import nn
 
 from diki_edge.model import DikiCLIP, residual
 from diki_edge_export.errors import ExportError
-from diki_edge_export.validate import FP32_BOUNDS, Validation, _cosine
+from diki_edge_export.validate import FP32_BOUNDS, Validation, row_cosine
 
 # Strings every export checks the written tokenizer on (besides the bank's prompts): the cases where
 # re-implementations of CLIP's tokenizer are known to drift (cleaning, Unicode classes, specials, truncation).
@@ -205,7 +205,7 @@ def validate_text_variant(variant: str, run: Callable[[TextCase], np.ndarray], c
     agree = total = 0
     for case in cases:
         got, ref = run(case), refs[case.name]
-        cos = _cosine(got, ref)
+        cos = row_cosine(got, ref)
         same = int(np.sum(np.argmax(got @ ref.T, 1) == np.arange(len(ref))))
         agree, total = agree + same, total + len(ref)
         v.cases.append({"name": case.name, "prompts": int(len(case.tokens)), "cosine_min": float(cos.min()),

@@ -31,7 +31,7 @@ from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from diki_edge_runtime.gaussian import GaussianStats
 
 FP32_BOUNDS = {"embeds_max_abs": tolerances.EMBED_MAX_ABS, "scores_error_ratio": 1.0, "weight_error_ratio": 1.0}
-# fp16 (issue 3): every image's embedding within cosine 0.999 of fp32.
+# fp16: every image's embedding within cosine 0.999 of fp32.
 FP16_MIN_COSINE = 0.999
 # int8 dynamic quantisation: see README/exporter docstring for the justification of these bounds.
 INT8_MIN_COSINE = 0.98
@@ -124,7 +124,7 @@ def _top1(logits: np.ndarray) -> np.ndarray:
     return np.argmax(logits, axis=1)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     return np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
@@ -181,7 +181,7 @@ def parity_figures(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
 
 def agreement_figures(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
     """Reduced-precision figures of one case against fp32."""
-    cos = _cosine(got["image_embeds"], ref["image_embeds"])
+    cos = row_cosine(got["image_embeds"], ref["image_embeds"])
     return {
         "cosine_min": float(cos.min()),
         "cosine_mean": float(cos.mean()),

@@ -306,7 +306,8 @@ def lock_path_of(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def locked(path: str | os.PathLike, *, what: str = "bank", wait: float | None = None) -> Iterator[Path]:
-    """Hold the advisory lock of ``path`` (``fcntl.flock`` on the hidden ``.<name>.lock`` beside it) for a read-modify-write.
+    """Hold the advisory lock of ``path`` (``fcntl.flock`` on the hidden ``.<name>.lock`` beside it) for a
+    read-modify-write.
 
     Every writer of a bank takes it and re-reads the bank inside it, so two writers never both start from the same
     old bank (the second would drop the first one's task). Waits up to ``wait`` seconds (:data:`LOCK_WAIT_SECONDS`)

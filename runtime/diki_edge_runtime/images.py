@@ -60,7 +60,7 @@ ERROR_KINDS = (
 
 _EXIF_ORIENTATION = 0x0112
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # (stored width, stored height) -> the smallest (width, height) a reduced-scale JPEG decode may return
 DraftSize = Callable[[int, int], Tuple[int, int]]
 

@@ -77,7 +77,8 @@ def label_only_slice(predictor, name: str, labels: Sequence[str], images: Sequen
             skipped.append(res.error)
     if len(embeds) < MIN_EXAMPLES:
         raise ValueError(f"{len(embeds)} of {len(images)} example images could be read; at least {MIN_EXAMPLES} "
-                         "are needed to fit the task's Gaussian" + (f" (first problem: {skipped[0]})" if skipped else ""))
+                         "are needed to fit the task's Gaussian"
+                         + (f" (first problem: {skipped[0]})" if skipped else ""))
     f = np.stack(embeds).astype(np.float64)
     if not np.all(np.isfinite(f)):
         raise ValueError("the image graph returned non-finite embeddings for the example images")

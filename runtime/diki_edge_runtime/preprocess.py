@@ -124,10 +124,6 @@ class Preprocess:
             raise RuntimeSetupError(f"{path}: preprocessing config must be a JSON object")
         return cls.from_config(cfg, str(path))
 
-    def to_config(self) -> dict[str, Any]:
-        return {"size": list(self.size), "mode": self.mode, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode, "fill_color": self.fill_color}
-
     # ----------------------------------------------------------------- the transform
     @property
     def _resample(self) -> int:

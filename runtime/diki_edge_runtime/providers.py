@@ -197,10 +197,6 @@ class ProviderPlan:
     notes: list[str] = field(default_factory=list)  # skipped entries of a user-written chain, and why
     in_use: list[str] = field(default_factory=list)  # the session's providers (after check_started)
 
-    @property
-    def is_chain(self) -> bool:
-        return len(self.requested) > 1
-
     def ort_providers(self) -> list[tuple[str, dict[str, str]]]:
         return [(i, dict(o)) for i, o in self.register]
 

@@ -11,7 +11,7 @@
   with, as ONNX Runtime reports them; :attr:`Session.provider_notes` what a user-written chain skipped.
 * ``low_memory``: ONNX Runtime's CPU memory arena and memory-pattern planning off (as immich does for its CLIP
   service), and GPU arenas grow by what is requested only: working memory is returned after each run instead of
-  kept. It did not lower the peak RSS of a one-shot ViT-B/16 run (README.md, benchmarks, #13).
+  kept. It did not lower the peak RSS of a one-shot ViT-B/16 run (docs/benchmarks.md, throughput_vit).
 
 ``threads`` is bounded by :func:`max_threads` (the machine's cores x 4): far more intra-op threads than cores
 only slows ONNX Runtime down, and very large counts make it hang while creating its thread pool.

@@ -3,7 +3,8 @@
 open_clip's ``SimpleTokenizer`` (the one CLIP backbones use) does, per text::
 
     clean    ftfy.fix_text -> html.unescape twice -> strip -> whitespace runs to one space -> lower()
-    split    regex  <special tokens> | 's|'t|'re|'ve|'m|'ll|'d | [\\p{L}]+ | [\\p{N}] | [^\\s\\p{L}\\p{N}]+   (IGNORECASE)
+    split    regex  <special tokens> | 's|'t|'re|'ve|'m|'ll|'d | [\\p{L}]+ | [\\p{N}] | [^\\s\\p{L}\\p{N}]+
+             (IGNORECASE)
     bytes    each piece's UTF-8 bytes mapped to printable characters (GPT-2's byte-to-unicode table)
     BPE      merges by rank, "</w>" appended to the last character of every piece
     ids      [sot] + ids + [eot], truncated to the context length with the last id replaced by eot, zero-padded

@@ -72,9 +72,9 @@ def test_timings_carry_min_median_max(tiny_results):
 def test_runtime_does_not_import_torch(tiny_results):
     out, _, _ = tiny_results
     res = json.loads((out / "cold_start.json").read_text())
-    check = [r for r in res["rows"] if r["path"].startswith("#6")][0]
+    check = [r for r in res["rows"] if r["path"].startswith("runtime vs PyTorch")][0]
     assert check["data"]["heavy_imports"] == []
-    rss = [r for r in res["rows"] if r["path"].startswith("#7")][0]
+    rss = [r for r in res["rows"] if r["path"].startswith("peak RSS")][0]
     assert rss["data"]["rss_ratio"] > 0
 
 
@@ -87,8 +87,8 @@ def test_params_figure_matches_issue():
 def test_roofline_counts_and_peaks(tiny_results):
     from benchmarks.roofline import cpu_flags, has_bf16_units
 
-    """#10 on the tiny model: both peaks measured, every path's work counted from its graph, and PyTorch's own
-    counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
+    """The roofline benchmark on the tiny model: both peaks measured, every path's work counted from its graph, and
+    PyTorch's own counter agrees with the ONNX count of the calibrated graph (the same computation on both sides)."""
     out, _, _ = tiny_results
     res = json.loads((out / "roofline.json").read_text())
     assert all(g > 0 for k in ("fp32", "int8") for g in res["peaks"][k]["gflops_by_block"])

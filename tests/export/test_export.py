@@ -1,4 +1,4 @@
-"""diki_edge_export: one ONNX graph, bank arrays as inputs, validated against CalibratedDiki (issue 3)."""
+"""diki_edge_export: one ONNX graph, bank arrays as inputs, validated against CalibratedDiki."""
 
 from __future__ import annotations
 

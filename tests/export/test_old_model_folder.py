@@ -1,4 +1,4 @@
-"""A model folder exported before the text graph (issue 10, must-hold 1): no ``text`` section, no text files and
+"""A model folder exported before the text graph: no ``text`` section, no text files and
 no ``frozen_embeds`` output. It keeps working for image-only prediction; labels, ``encode_text`` and
 ``--embeddings`` answer with a "re-export" message. Made here from the golden folder (``onnx`` edits the graph)."""
 

@@ -1,4 +1,4 @@
-"""The text encoder graph (issue 10, must-hold 1): the bank's text side as inputs, validated at export, declared in
+"""The text encoder graph: the bank's text side as inputs, validated at export, declared in
 the contract and the manifest, any bank and task count on the same file. The fp16/int8 text graphs are checked
 beside the image graph's variants in test_export.py."""
 

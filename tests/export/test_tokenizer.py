@@ -1,4 +1,4 @@
-"""The runtime's torch-free tokenizer against open_clip's, id for id (issue 10, must-hold 2).
+"""The runtime's torch-free tokenizer against open_clip's, id for id.
 
 ``tokenizer.json`` is built by the exporter from the backbone's own open_clip tokenizer; the runtime reproduces
 open_clip's cleaning in Python and the split + byte mapping + BPE with Hugging Face ``tokenizers``. Checked on
@@ -48,8 +48,9 @@ def tricky_strings(seed: int = 0) -> list[str]:
               "!!!", "?!?!", "...", "---", "(((", "))))", "$$$", "#hashtag", "@user", "e-mail", "x²", "½", "Ⅻ",
               "HELLO", "WoRlD", "iPhone", "McDonald's", "it's", "they'RE", "I'M", "we'd", "y'all", "’s",
               "don’t", "“quoted”", "ﬁne", "ＡＢＣ", "１２３", "e\u0301", "a\u0308", "zero\u200bwidth", "tab\there",
-              "new\nline", "nbsp\u00a0here", "\u3000wide space", "ΣΑΣ", "İstanbul", "straße", "ﬀ", "Ⓐ", "<start_of_text>",
-              "<end_of_text>", "!<end_of_text>", "<|endoftext|>", "12345", "3.14159", "1,000,000", "C++", "C#", "a_b_c"]
+              "new\nline", "nbsp\u00a0here", "\u3000wide space", "ΣΑΣ", "İstanbul", "straße", "ﬀ", "Ⓐ",
+              "<start_of_text>", "<end_of_text>", "!<end_of_text>", "<|endoftext|>", "12345", "3.14159", "1,000,000",
+              "C++", "C#", "a_b_c"]
     out = ["", " ", "\t\n", "   a   ", "x " * 200, "supercalifragilisticexpialidocious " * 30, "🚀" * 100,
            "東京" * 120, "!" * 500, "a photo of a " + "very " * 100 + "long label."]
     for _ in range(1400):

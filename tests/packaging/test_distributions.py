@@ -38,6 +38,10 @@ NOT_IMPORTED = {
     "hypothesis": "the property-based tests (tests/runtime/test_fuzz.py; the runtime's test extra)",
     "diki-edge-export": "the training core's `export` extra: one install line for a training machine "
                         "(pip install 'diki-edge[export,cpu]'); the core itself never imports the exporter",
+    "ruff": "the linter `make lint` runs (the dev extra)",
+    "mkdocs": "builds the documentation site (`make docs`; the docs extra)",
+    "mkdocs-material": "the documentation site's theme (the docs extra)",
+    "mkdocstrings": "the API reference pages from the docstrings (the docs extra)",
 }
 
 

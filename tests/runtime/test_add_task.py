@@ -1,4 +1,4 @@
-"""Label-only tasks added on the device (issue 10, must-hold 6): ``diki-edge bank add-task`` without torch, on
+"""Label-only tasks added on the device: ``diki-edge bank add-task`` without torch, on
 real photographs: the golden folder's bank lacks the ``portraits`` task; ``examples/portraits`` holds 48 crops of
 its photograph (never used elsewhere) and ``images/astronaut_*`` two unseen crops."""
 

@@ -47,10 +47,10 @@ def test_show_merge_remove_rename(tmp_path, two_banks):
 
 
 def test_bank_commands_do_not_import_torch(two_banks):
-    code = ("import sys, runpy; sys.argv=['diki-edge','bank','show',%r];"
+    code = (f"import sys, runpy; sys.argv=['diki-edge','bank','show',{str(two_banks[0])!r}];"
             "import diki_edge_runtime.cli as c;\n"
             "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'") % str(two_banks[0])
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

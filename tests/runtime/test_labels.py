@@ -1,4 +1,4 @@
-"""Labels at prediction time and embeddings out (issue 10, must-holds 3 and 5), torch-free, on the golden folder:
+"""Labels at prediction time and embeddings out, torch-free, on the golden folder:
 ``Predictor.predict(labels=...)`` against the PyTorch reference stored beside it (``CalibratedDiki`` with the
 labels' text table, ``three.labels.*`` in golden.npz), the lazy, bounded label-table cache, ``encode_text``, the
 embeddings in the API and in ``--json --embeddings``, and the command line's label options."""

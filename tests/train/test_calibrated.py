@@ -42,8 +42,8 @@ def test_scores_and_weight_follow_the_definition(three_tasks):
         out = model(x, **bank_tensors(bank))
         f0 = diki.encode_image(x)
     a = bank.arrays
-    want = log_density(f0.double().numpy(), a["stats_sum"] / a["stats_count"][:, None], a["gauss_whiten"].astype(np.float64),
-                       a["gauss_const"].astype(np.float64))
+    want = log_density(f0.double().numpy(), a["stats_sum"] / a["stats_count"][:, None],
+                       a["gauss_whiten"].astype(np.float64), a["gauss_const"].astype(np.float64))
     np.testing.assert_allclose(out.task_scores.numpy(), want, rtol=1e-4)
     assert out.task.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # each image is recognised as its own task
     d = f0.shape[1]

@@ -1,5 +1,5 @@
 """A label-only task added on the device is later replaced by a trained task of the same name
-(``diki-edge train --task NAME --replace``, issue 10 must-hold 6), in the same slot of the bank."""
+(``diki-edge train --task NAME --replace``), in the same slot of the bank."""
 
 from __future__ import annotations
 

@@ -123,8 +123,9 @@ def test_progress_bars_and_quiet(tmp_path, tiny_model_spec):
 
 def test_learning_a_real_task_works_and_its_images_are_familiar(tmp_path):
     """Textures (scikit-image, a domain the bundled backbone never saw; 5 classes, chance 20 %): zero-shot 9.3 %;
-    after 10 epochs (batch 64, the backbone's recommended lr 50) the calibrated model reached 44.7 % on the held-out right halves of the
-    pictures; textures images got mean M 0.77, MNIST images (another task's domain) 0.06."""
+    after 10 epochs (batch 64, the backbone's recommended lr 50) the calibrated model reached 44.7 % on the
+    held-out right halves of the pictures; textures images got mean M 0.77, MNIST images (another task's domain)
+    0.06."""
     from diki_edge.calibrated import CalibratedDiki, bank_tensors, tokenize
     from diki_edge.datasets import make_task, write_image_folder
     from diki_edge.model import DikiCLIP

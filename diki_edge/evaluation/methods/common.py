@@ -66,19 +66,20 @@ def set_key(task: EvalTask, holdout: bool) -> str:
     return f"{'holdout' if holdout else 'task'}:{task.name}"
 
 
-def _encode_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def encode_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else torch.zeros(0)
 
 
-def _fit(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-         logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, schedule: Schedule) -> tuple[float, float]:
+def fit_baseline(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                 logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                 schedule: Schedule) -> tuple[float, float]:
     """The baselines train with DIKI's own loop (same batching and cosine schedule)."""
     g = torch.Generator().manual_seed(schedule.seed)
     return cross_entropy_loop(opt, logits_fn, labels, schedule.epochs, schedule.batch_size, g)
 
 
-def _time_per_image(run_batch: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch_size: int) -> float:
+def time_per_image(run_batch: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch_size: int) -> float:
     """Seconds per image of ``run_batch`` over ``pixels`` in batches (after one warm-up batch)."""
     with torch.no_grad():
         run_batch(pixels[:batch_size])
@@ -98,7 +99,7 @@ class FrozenFeatures:
         self._text: dict[tuple, torch.Tensor] = {}
 
     def image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _encode_chunks(lambda x: F.normalize(self.clip.encode_image(x), dim=-1), pixels)
+        return encode_chunks(lambda x: F.normalize(self.clip.encode_image(x), dim=-1), pixels)
 
     def test(self, task: EvalTask, holdout: bool) -> torch.Tensor:
         key = set_key(task, holdout)
@@ -150,6 +151,6 @@ class Method:
         pass
 
 
-def _own_or_selected(task: EvalTask, holdout: bool, learned: Sequence[str]) -> bool:
+def own_or_selected(task: EvalTask, holdout: bool, learned: Sequence[str]) -> bool:
     """True when the image's task is learned: the method's own selection then decides the classes."""
     return (not holdout) and task.name in learned

@@ -30,9 +30,9 @@ from diki_edge.evaluation.methods.common import (
     LearnReport,
     Method,
     Outcome,
-    _encode_chunks,
-    _own_or_selected,
-    _time_per_image,
+    encode_chunks,
+    own_or_selected,
+    time_per_image,
     set_key,
 )
 from diki_edge.evaluation.tasks import EvalTask
@@ -108,7 +108,7 @@ class DikiEngine:
     def f0(self, task: EvalTask, holdout: bool) -> torch.Tensor:
         key = set_key(task, holdout)
         if key not in self._f0:
-            self._f0[key] = _encode_chunks(self.diki.encode_image, task.test_x)
+            self._f0[key] = encode_chunks(self.diki.encode_image, task.test_x)
         return self._f0[key]
 
     def scores(self, task: EvalTask, holdout: bool, names: Sequence[str]) -> torch.Tensor:
@@ -186,7 +186,7 @@ class DikiEngine:
         if mode == "vote":
             for i in range(0, len(sel), vote_batch):
                 text_weight[i:i + vote_batch] = weight[i:i + vote_batch].mean()
-        own = _own_or_selected(task, holdout, learned)
+        own = own_or_selected(task, holdout, learned)
         pred = torch.zeros(len(sel), dtype=torch.int64)
         for s in sel.unique().tolist():
             idx = torch.nonzero(sel == s).squeeze(1)
@@ -255,4 +255,4 @@ class DikiMethod(Method):
 
         inputs = bank_tensors(self.engine.bank(self.learned))
         module = self.calibrated_module()
-        return _time_per_image(lambda x: module(x, **inputs), pixels, batch_size)
+        return time_per_image(lambda x: module(x, **inputs), pixels, batch_size)

@@ -15,9 +15,9 @@ from diki_edge.evaluation.methods.common import (
     Method,
     Outcome,
     Schedule,
-    _encode_chunks,
-    _fit,
-    _time_per_image,
+    encode_chunks,
+    fit_baseline,
+    time_per_image,
 )
 from diki_edge.evaluation.tasks import EvalTask
 
@@ -63,13 +63,13 @@ class SequentialFineTune(Method):
             return scale * F.normalize(model.encode_image(task.train_x[idx]), dim=-1) @ text.T
 
         torch.manual_seed(self.schedule.seed)
-        loss, acc = _fit(params, opt, logits, task.train_y, self.schedule)
+        loss, acc = fit_baseline(params, opt, logits, task.train_y, self.schedule)
         self.learned.append(task.name)
         return LearnReport(task.name, time.perf_counter() - start, acc, loss, sum(p.numel() for p in params))
 
     def evaluate(self, task: EvalTask, holdout: bool = False) -> Outcome:
         model = self.model
-        f = _encode_chunks(lambda x: F.normalize(model.encode_image(x), dim=-1), task.test_x)
+        f = encode_chunks(lambda x: F.normalize(model.encode_image(x), dim=-1), task.test_x)
         with torch.no_grad():
             text = F.normalize(model.encode_text(tokenize(self.backbone.tokenizer, task.class_names,
                                                           task.template)), dim=-1)
@@ -82,7 +82,7 @@ class SequentialFineTune(Method):
 
     def inference_seconds(self, pixels: torch.Tensor, batch_size: int) -> float:
         table = torch.randn(64, self.model.visual.output_dim)
-        return _time_per_image(lambda x: (F.normalize(self.model.encode_image(x), dim=-1) @ table.T).argmax(1),
+        return time_per_image(lambda x: (F.normalize(self.model.encode_image(x), dim=-1) @ table.T).argmax(1),
                                pixels, batch_size)
 
     def close(self) -> None:

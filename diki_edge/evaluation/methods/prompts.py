@@ -19,10 +19,10 @@ from diki_edge.evaluation.methods.common import (
     Method,
     Outcome,
     Schedule,
-    _encode_chunks,
-    _fit,
-    _own_or_selected,
-    _time_per_image,
+    encode_chunks,
+    fit_baseline,
+    own_or_selected,
+    time_per_image,
     set_key,
 )
 from diki_edge.evaluation.tasks import EvalTask
@@ -76,7 +76,7 @@ class PromptEngine:
             text = self.model.encode_text(tokens, prompts.text_prompts())
             return scale * self.model.encode_image(task.train_x[idx], prompts.image_prompts()) @ text.T
 
-        loss, acc = _fit(list(prompts.parameters()), opt, logits, task.train_y, self.schedule)
+        loss, acc = fit_baseline(list(prompts.parameters()), opt, logits, task.train_y, self.schedule)
         query = self.frozen.image(task.train_x)
         self.keys[task.name] = F.normalize(query.mean(0), dim=0)
         self.prompts[task.name] = (prompts.image.detach().clone(), prompts.text.detach().clone())
@@ -93,7 +93,7 @@ class PromptEngine:
         todo = idx[~done[idx]]
         if len(todo):
             image_prompts = self.prompts[name][0][None]
-            emb[todo] = _encode_chunks(lambda x: self.model.encode_image(x, image_prompts), task.test_x[todo])
+            emb[todo] = encode_chunks(lambda x: self.model.encode_image(x, image_prompts), task.test_x[todo])
             done[todo] = True
         return emb[idx]
 
@@ -111,7 +111,7 @@ class PromptEngine:
 
     def predict(self, task: EvalTask, holdout: bool, learned: Sequence[str]) -> Outcome:
         sel = self.select(self.frozen.test(task, holdout), learned)
-        own = _own_or_selected(task, holdout, learned)
+        own = own_or_selected(task, holdout, learned)
         pred = torch.zeros(len(sel), dtype=torch.int64)
         for s in sel.unique().tolist():
             idx = torch.nonzero(sel == s).squeeze(1)
@@ -163,4 +163,4 @@ class PromptMethod(Method):
             f = eng.model.encode_image(x, image_prompts[s])
             return (f @ table.T).argmax(1)
 
-        return _time_per_image(run, pixels, batch_size)
+        return time_per_image(run, pixels, batch_size)

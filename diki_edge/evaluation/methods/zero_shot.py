@@ -11,7 +11,7 @@ from diki_edge.evaluation.methods.common import (
     LearnReport,
     Method,
     Outcome,
-    _time_per_image,
+    time_per_image,
 )
 from diki_edge.evaluation.tasks import EvalTask
 
@@ -39,4 +39,4 @@ class ZeroShot(Method):
 
     def inference_seconds(self, pixels: torch.Tensor, batch_size: int) -> float:
         table = torch.randn(64, self.frozen.clip.visual.output_dim)
-        return _time_per_image(lambda x: (self.frozen.image(x) @ table.T).argmax(1), pixels, batch_size)
+        return time_per_image(lambda x: (self.frozen.image(x) @ table.T).argmax(1), pixels, batch_size)
