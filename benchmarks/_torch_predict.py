@@ -16,7 +16,6 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(int(threads))
-    from diki_edge_runtime.bank import TaskBank
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
@@ -24,6 +23,7 @@ def main(argv: list[str]) -> int:
     from diki_edge.calibrated import CalibratedDiki, bank_tensors
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
+    from diki_edge_runtime.bank import TaskBank
 
     backbone = load_backbone(model, None if checkpoint == "-" else checkpoint)
     diki = DikiCLIP(backbone.model)

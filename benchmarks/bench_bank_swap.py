@@ -38,12 +38,12 @@ def tiny_spec(root: Path) -> str:
 def make_banks(spec: str, tasks: int, classes_per_task: int, work: Path) -> tuple[Path, Path, dict]:
     """Bank A (``tasks`` tasks) and bank B (``tasks + 2`` tasks, other class names) for the same backbone."""
     import torch
-    from diki_edge_runtime.bank import TaskBank
 
     from diki_edge.backbone import load_backbone
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
+    from diki_edge_runtime.bank import TaskBank
 
     backbone = load_backbone(spec)
     diki = DikiCLIP(backbone.model)
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from rich.console import Console
+    from rich.table import Table
+
     from diki_edge_export import export_model
     from diki_edge_export import validate as V
     from diki_edge_runtime import Predictor
-    from rich.console import Console
-    from rich.table import Table
 
     # Timing only: the exporter's validation runs in full (same work), but its fp32 bounds are relaxed so that a
     # synthetic bank near the tolerance edge does not abort the benchmark. Recorded in the results.

@@ -35,9 +35,6 @@ def main() -> int:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from diki_edge_export import export_model
-    from diki_edge_runtime.bank import TaskBank
-    from diki_edge_runtime.contract import OUTPUT_NAMES
     from rich.console import Console
     from rich.table import Table
 
@@ -45,6 +42,9 @@ def main() -> int:
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
+    from diki_edge_export import export_model
+    from diki_edge_runtime.bank import TaskBank
+    from diki_edge_runtime.contract import OUTPUT_NAMES
 
     console = Console(width=max(Console().width, 120))
     backbone = load_backbone(args.model)

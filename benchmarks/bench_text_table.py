@@ -34,10 +34,10 @@ def measure(cfg: Config) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from diki_edge.calibrated import (
-        mask_other_tasks,
         class_text_table,
         exact_class_embeds,
         interpolate_class_table,
+        mask_other_tasks,
         tokenize,
     )
 

@@ -98,14 +98,14 @@ def bundled_model(cache: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     import torch
-    from diki_edge_export import export_model
-    from diki_edge_runtime.bank import TaskBank
 
     from diki_edge.backbone import load_backbone
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
     from diki_edge.train import image_transform
+    from diki_edge_export import export_model
+    from diki_edge_runtime.bank import TaskBank
 
     backbone = load_backbone()
     diki = DikiCLIP(backbone.model)

@@ -41,7 +41,7 @@ def worker(mode: str, model: str, data: str, batch: int, device: str, precision:
     from diki_edge.distributed import process_group
     from diki_edge.loader import FolderSource, TensorSource
     from diki_edge.model import DikiCLIP
-    from diki_edge.train import TaskRun, TrainConfig, input_size, image_transform
+    from diki_edge.train import TaskRun, TrainConfig, image_transform, input_size
 
     torch.set_num_threads(threads)
     with process_group(device) as ctx:

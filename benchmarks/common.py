@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from benchmarks.load import LoadMeter, LoadWindow, MachineBusy, describe_load
 
@@ -59,18 +60,18 @@ class Config:
         return self.threads or available_cores()
 
     @classmethod
-    def full(cls, **kw) -> "Config":
+    def full(cls, **kw) -> Config:
         return cls(**kw)
 
     @classmethod
-    def quick_mode(cls, **kw) -> "Config":
+    def quick_mode(cls, **kw) -> Config:
         base = dict(models=["ViT-B-32"], reference_model="ViT-B-32", task_counts=[1, 11, 100], fit_images=4,
                     warmup=1, repeats=3, slow_repeats=1, quick=True)
         base.update(kw)
         return cls(**base)
 
     @classmethod
-    def tiny_mode(cls, model_spec: str, **kw) -> "Config":
+    def tiny_mode(cls, model_spec: str, **kw) -> Config:
         base = dict(models=[model_spec], reference_model=model_spec, task_counts=[1, 11, 20], fit_images=4,
                     warmup=1, repeats=2, slow_repeats=1, quick=True, tiny=True)
         base.update(kw)
@@ -105,7 +106,7 @@ class LoadPolicy:
 LOAD = LoadPolicy(LoadMeter(threads=0, usable_cores=0))
 
 
-def configure_load(cfg: "Config", meter: LoadMeter | None = None) -> LoadPolicy:
+def configure_load(cfg: Config, meter: LoadMeter | None = None) -> LoadPolicy:
     """Point the timing helpers at ``cfg``'s threads and quiet policy (``meter``: tests pass a fake one)."""
     global LOAD
     LOAD = LoadPolicy(meter or LoadMeter(cfg.n_threads, available_cores()), cfg.require_quiet, cfg.quiet_timeout_s)

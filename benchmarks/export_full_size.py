@@ -24,11 +24,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "export_full_size.json"
 
 def build_bank(backbone, tasks: int, per_task: int, path: Path):
     import torch
-    from diki_edge_runtime.bank import TaskBank
 
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge.synthetic import synthetic_task
+    from diki_edge_runtime.bank import TaskBank
 
     diki = DikiCLIP(backbone.model).eval()
     layout = layout_for(backbone, diki)
@@ -55,11 +55,11 @@ def main() -> int:
 
     import onnxruntime
     import torch
-    from diki_edge_export import export_model
     from rich.console import Console
     from rich.table import Table
 
     from diki_edge.backbone import load_backbone
+    from diki_edge_export import export_model
 
     console = Console(width=max(Console().width, 120))
     rows = []

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Cores other processes may keep busy on average before a block counts as contended: an idle Linux machine's
 # kernel threads and daemons stay well below this; one other busy thread is far above it.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

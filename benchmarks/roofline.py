@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +166,7 @@ class PeakGemm:
         return self.flop / timing.median / 1e9
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_flags() -> tuple[str, ...]:
     """The ISA extensions of :data:`ISA_FLAGS` this CPU reports (``/proc/cpuinfo``)."""
     try:

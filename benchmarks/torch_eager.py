@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks.common import Timing, time_side_by_side
 

@@ -115,10 +115,10 @@ class World:
     # ------------------------------------------------------------------ banks
     def _slices(self):
         import torch
-        from diki_edge_runtime.bank import TaskInfo, TaskSlice
-        from diki_edge_runtime.gaussian import GaussianStats
 
         from diki_edge.model import TaskAdapter
+        from diki_edge_runtime.bank import TaskInfo, TaskSlice
+        from diki_edge_runtime.gaussian import GaussianStats
 
         s = self.diki.shape
         g_levels = len(self.layout.calibration_levels)
@@ -234,8 +234,9 @@ class World:
         """The random weights as a safetensors checkpoint, as a user of the PyTorch path would load them."""
         path = self.dir / "weights.safetensors"
         if not path.is_file():
-            from diki_edge.model import unwrapped_copy
             from safetensors.torch import save_file
+
+            from diki_edge.model import unwrapped_copy
 
             clip = unwrapped_copy(self.backbone.model)
             tmp = path.with_suffix(".tmp")
@@ -253,9 +254,10 @@ def export_plain_encoder(clip, image_size: tuple[int, int], path: Path, opset: i
 
     import torch
     import torch.nn.functional as F
+    from torch import nn
+
     from diki_edge.model import unwrapped_copy
     from diki_edge_export.graph import mha_fastpath_disabled, static_reshapes
-    from torch import nn
 
     class Plain(nn.Module):
         def __init__(self, clip):

@@ -20,14 +20,15 @@ The text table itself (``class_embeds``) is made by :func:`class_text_table` fro
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 from torch import nn
 
 from diki_edge.model import DikiCLIP
+from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 
 DEFAULT_LEVELS = 9
 # Below this M the residual branch's contribution is under the fp32 parity bound (see README, "skip pass 2").

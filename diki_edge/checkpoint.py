@@ -15,9 +15,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -213,7 +214,7 @@ class RunState:
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *, adapter: dict[str, torch.Tensor],
-                   embed_dim: int, samples: int, epochs: int) -> "RunState":
+                   embed_dim: int, samples: int, epochs: int) -> RunState:
         """Read and vet a checkpoint's content against the run it is resumed into: ``adapter`` (the fresh
         adapter's state dict: names, shapes, dtypes), the embedding dimension, the number of samples and epochs."""
         weights = {k: _tensor(tensors, f"adapter.{k}", v.dtype, tuple(v.shape)) for k, v in adapter.items()}

@@ -7,16 +7,15 @@ group; every command imports torch and the training modules inside its body, so 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
-from diki_edge_runtime import calibration as calib
-from diki_edge_runtime.contract import DEFAULT_TEMPLATE
-from diki_edge_runtime.errors import DikiEdgeError
 from rich.console import Console
 from rich.markup import escape
 
 from diki_edge.evaluation.command import eval_command
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.errors import DikiEdgeError
 
 err = Console(stderr=True)
 
@@ -30,13 +29,13 @@ def train(
     bank: Path = typer.Option(..., help="Bank file to create or append the task to (safetensors)."),
     task: str = typer.Option(..., help="Name of the new task."),
     data: Path = typer.Option(..., help="Image folder: one sub-folder per class (or a classes.txt)."),
-    model: Optional[str] = typer.Option(None, help="open_clip model name, local-dir:PATH, or diki-tiny "
+    model: str | None = typer.Option(None, help="open_clip model name, local-dir:PATH, or diki-tiny "
                                                    "(default; for an existing bank: the bank's backbone)."),
-    pretrained: Optional[str] = typer.Option(None, help="Pretrained tag (e.g. openai), a local checkpoint file, "
+    pretrained: str | None = typer.Option(None, help="Pretrained tag (e.g. openai), a local checkpoint file, "
                                                         "or 'random'."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(128, min=1),
-    lr: Optional[float] = typer.Option(None, help="SGD learning rate, cosine to lr*1e-3 (default: the reference's "
+    lr: float | None = typer.Option(None, help="SGD learning rate, cosine to lr*1e-3 (default: the reference's "
                                                   "5.0, or the backbone's recommendation: 50 for diki-tiny)."),
     template: str = typer.Option(DEFAULT_TEMPLATE, help="Prompt template; {} is the class name."),
     seed: int = typer.Option(0),
@@ -50,7 +49,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
     precision: str = typer.Option("fp32", help="Training precision: fp32, or bf16/fp16 autocast on CUDA "
                                                "(statistics and the text table stay fp32)."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding processes (default: 0 on the CPU, "
+    workers: int | None = typer.Option(None, min=0, help="Image-decoding processes (default: 0 on the CPU, "
                                                             "up to 8 per GPU)."),
     checkpoint_every: int = typer.Option(0, min=0, help="Also checkpoint every N steps (always: every epoch)."),
     resume: bool = typer.Option(False, help="Continue the task from its checkpoint beside the bank."),

@@ -10,15 +10,15 @@ never stops the others.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from diki_edge_runtime.images import IMAGE_SUFFIXES
 from PIL import Image
 
 from diki_edge.errors import DataError
+from diki_edge_runtime.images import IMAGE_SUFFIXES
 
 
 @dataclass

@@ -59,7 +59,7 @@ class Precision:
     device: torch.device
 
     @classmethod
-    def of(cls, name: str, device: torch.device) -> "Precision":
+    def of(cls, name: str, device: torch.device) -> Precision:
         if name not in PRECISIONS:
             raise TrainError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
         if name != "fp32" and device.type != "cuda":

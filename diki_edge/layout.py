@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from diki_edge_runtime.bank import BANK_LAYOUT_DIMS, BankLayout
-from diki_edge_runtime.gaussian import DEFAULT_RIDGE
+from collections.abc import Sequence
 
 from diki_edge.backbone import Backbone
 from diki_edge.calibrated import calibration_levels
 from diki_edge.model import DikiCLIP
+from diki_edge_runtime.bank import BANK_LAYOUT_DIMS, BankLayout
+from diki_edge_runtime.gaussian import DEFAULT_RIDGE
 
 
 def layout_for(backbone: Backbone, diki: DikiCLIP, levels: Sequence[float] | None = None,

@@ -21,9 +21,9 @@ images, which would bias the Gaussian) and shuffles per rank, so batches would c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -42,7 +42,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True) in its pinning thread
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) in its pinning thread
         return Batch(None if self.images is None else self.images.pin_memory(), self.labels.pin_memory(),
                      self.failures)
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from diki_edge_runtime.bank import TaskInfo, TaskSlice
 from diki_edge_runtime.gaussian import GaussianStats
-from torch import nn
 
 DEFAULT_RESIDUAL_LENGTH = 8
 DEFAULT_DEPTH_FRACTION = 2.0 / 3.0

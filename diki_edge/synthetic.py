@@ -7,16 +7,16 @@ Speed does not depend on the values, and parity tests need a branch that changes
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from diki_edge_runtime import calibration as calib
-from diki_edge_runtime.bank import TaskInfo, TaskSlice
-from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 
 from diki_edge.calibrated import class_text_table, tokenize
 from diki_edge.model import DikiCLIP, TaskAdapter
 from diki_edge.train import frozen_statistics
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.bank import TaskInfo, TaskSlice
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 
 
 @torch.no_grad()

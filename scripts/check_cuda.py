@@ -45,10 +45,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,7 @@ class Context:
 # ------------------------------------------------------------------------------------------------------- parts
 def part_env(ctx: Context) -> dict[str, Any]:
     import onnxruntime as ort
+
     from diki_edge_runtime.providers import describe_build
 
     figures: dict[str, Any] = {"onnxruntime": describe_build(ort), "available": ort.get_available_providers()}
@@ -240,6 +242,7 @@ def part_latency(ctx: Context) -> dict[str, Any]:
 
 def part_tensorrt(ctx: Context) -> dict[str, Any]:
     import onnxruntime as ort
+
     from diki_edge_runtime import Predictor
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers() or ctx.dry_run:

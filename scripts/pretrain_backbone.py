@@ -38,9 +38,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402
-
 from diki_edge.datasets import dcil  # noqa: E402
+from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 MODEL_CFG = {
     "embed_dim": 64,

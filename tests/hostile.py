@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-
 from support import GOLDEN, REPO
 
 MODEL = GOLDEN / "model"

@@ -56,6 +56,7 @@ def graph_output_errors(got: dict, want: dict, inputs: dict) -> dict[str, float]
     """Each fp32 output difference of two implementations of the image graph as a fraction of its bound from
     ``diki_edge_runtime.tolerances`` (1.0 = at the bound), for ``got``/``want`` outputs fed the same bank ``inputs``."""
     import numpy as np
+
     from diki_edge_runtime import tolerances as tol
 
     gauss = [inputs[k] for k in ("gauss_mean", "gauss_whiten", "gauss_const")]

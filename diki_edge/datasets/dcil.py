@@ -33,9 +33,9 @@ Prompts: ``TEMPLATE`` = ``diki_edge_runtime.contract.DEFAULT_TEMPLATE`` ("a phot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

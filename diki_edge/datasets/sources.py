@@ -48,9 +48,9 @@ import gzip
 import os
 import struct
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class ImageSet:
         idx = range(len(self)) if indices is None else indices
         return [(self.image(int(i)), int(self.labels[int(i)])) for i in idx]
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSet":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> ImageSet:
         idx = np.asarray(indices, dtype=np.int64)
         return ImageSet(
             name=name or self.name,

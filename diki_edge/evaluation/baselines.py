@@ -17,8 +17,8 @@ images, which is the minimiser of L2P's key surrogate loss ``sum_i (1 - cos(k, q
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

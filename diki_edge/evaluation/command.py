@@ -8,9 +8,9 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
+
 from diki_edge_runtime.errors import DikiEdgeError
 
 METHOD_HELP = "zero-shot, diki, diki-vote, diki-no-calib, prompt-l2p, finetune, diki-onnx"
@@ -19,23 +19,23 @@ METHOD_HELP = "zero-shot, diki, diki-vote, diki-no-calib, prompt-l2p, finetune, 
 def eval_command(
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for NAME.json, NAME.md and NAME.png."),
     name: str = typer.Option("dcil", help="File stem of the reports."),
-    order: Optional[List[str]] = typer.Option(None, "--order",
+    order: list[str] | None = typer.Option(None, "--order",
                                               help="Task order(s) to run: A and/or B (default both)."),
-    method: Optional[List[str]] = typer.Option(None, "--method",
+    method: list[str] | None = typer.Option(None, "--method",
                                                help=f"Methods to compare (default all): {METHOD_HELP}."),
     quick: bool = typer.Option(False, "--quick", help="Reduced run: 2 epochs, <= 48 train / 32 test images per task."),
-    model: Optional[str] = typer.Option(None, help="Backbone (default: the bundled diki-tiny)."),
-    pretrained: Optional[str] = typer.Option(None, help="Pretrained tag or checkpoint for --model."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per task for every method (default 10; quick 2)."),
+    model: str | None = typer.Option(None, help="Backbone (default: the bundled diki-tiny)."),
+    pretrained: str | None = typer.Option(None, help="Pretrained tag or checkpoint for --model."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs per task for every method (default 10; quick 2)."),
     batch_size: int = typer.Option(32, min=1, help="Training batch size for every method."),
     vote_batch: int = typer.Option(32, min=1, help="Test batch size of DIKI's batch-voting variant."),
     diki_lr: float = typer.Option(50.0, help="SGD learning rate of DIKI (reference 5.0 is for ViT-B/16; see "
                                                "diki_edge.evaluation.runner.EvalConfig)."),
     finetune_lr: float = typer.Option(1e-4, help="AdamW learning rate of sequential full fine-tuning."),
     prompt_lr: float = typer.Option(0.03, help="Adam learning rate of the prompt baseline."),
-    max_train: Optional[int] = typer.Option(None, min=2, help="Cap on training images per task."),
-    max_test: Optional[int] = typer.Option(None, min=1, help="Cap on test images per task."),
-    max_holdout: Optional[int] = typer.Option(None, min=1, help="Cap on images per held-out set."),
+    max_train: int | None = typer.Option(None, min=2, help="Cap on training images per task."),
+    max_test: int | None = typer.Option(None, min=1, help="Cap on test images per task."),
+    max_holdout: int | None = typer.Option(None, min=1, help="Cap on images per held-out set."),
     debian: bool = typer.Option(False, "--debian", help="Also use Debian's Fashion-MNIST as a held-out set."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="torch (and ONNX Runtime) threads. The small benchmark models gain "

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class EvalConfig:
     quick: bool = False
 
     @classmethod
-    def quick_config(cls, **overrides: Any) -> "EvalConfig":
+    def quick_config(cls, **overrides: Any) -> EvalConfig:
         """The reduced benchmark (a few steps per task, a few images per set) for tests and smoke runs."""
         base = dict(epochs=2, max_train=48, max_test=32, max_holdout=40, timing_images=32, quick=True)
         return cls(**{**base, **overrides})

@@ -7,11 +7,13 @@ images with :func:`synthetic_tasks`. This is the only module of the evaluation t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
 from diki_edge_runtime.contract import DEFAULT_TEMPLATE
 from diki_edge_runtime.preprocess import CLIP_MEAN, CLIP_STD
 

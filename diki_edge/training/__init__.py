@@ -30,8 +30,16 @@ from diki_edge.training.bank_write import open_or_create_bank, run_identity, sav
 from diki_edge.training.config import RunOptions, TrainConfig, TrainReport, config_problem, template_problem
 from diki_edge.training.loop import LOCAL, EpochLoop, LoopState, cosine_schedule, cross_entropy_loop
 from diki_edge.training.statistics import fp32_math, frozen_statistics, statistics_pass
-from diki_edge.training.task import (AdapterObjective, TaskResult, TaskRun, default_workers, image_transform,
-                                     input_size, learn_task, train_task)
+from diki_edge.training.task import (
+                                     AdapterObjective,
+                                     TaskResult,
+                                     TaskRun,
+                                     default_workers,
+                                     image_transform,
+                                     input_size,
+                                     learn_task,
+                                     train_task,
+)
 
 __all__ = [
     "LOCAL", "AdapterObjective", "EpochLoop", "LoopState", "RunOptions", "TaskResult", "TaskRun", "TrainConfig",

@@ -7,15 +7,12 @@ import dataclasses
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from diki_edge_runtime.bank import TaskBank, TaskSlice
-from diki_edge_runtime.errors import BankError, DikiEdgeError
-from diki_edge_runtime import files
-from diki_edge_runtime.files import check_writable
 
 from diki_edge.backbone import Backbone, backbone_from_spec, load_backbone, recommended_lr
 from diki_edge.calibrated import calibration_levels
@@ -28,6 +25,10 @@ from diki_edge.model import DikiCLIP
 from diki_edge.progress import make_progress
 from diki_edge.training.config import RunOptions, TrainConfig, TrainReport
 from diki_edge.training.task import train_task
+from diki_edge_runtime import files
+from diki_edge_runtime.bank import TaskBank, TaskSlice
+from diki_edge_runtime.errors import BankError, DikiEdgeError
+from diki_edge_runtime.files import check_writable
 
 
 def open_or_create_bank(bank_path: Path, model: str | None, pretrained: str | None, cfg: TrainConfig

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diki_edge_runtime import calibration as calib
-from diki_edge_runtime.contract import DEFAULT_TEMPLATE
-from diki_edge_runtime.gaussian import DEFAULT_RIDGE
-
 from diki_edge.errors import TrainError
 from diki_edge.loader import STATS_BATCH
 from diki_edge.model import DEFAULT_RESIDUAL_LENGTH
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.contract import DEFAULT_TEMPLATE
+from diki_edge_runtime.gaussian import DEFAULT_RIDGE
 
 
 @dataclass

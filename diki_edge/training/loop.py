@@ -5,8 +5,8 @@ the evaluation baselines (:func:`cross_entropy_loop`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,8 @@ class EpochLoop:
         self.progress = progress
         self.state = LoopState()
         self.failures: list[tuple[int, str]] = []  # unreadable images met while training (files changed since)
-        self.after_step: Callable[["EpochLoop"], None] | None = None
-        self.after_epoch: Callable[["EpochLoop"], None] | None = None
+        self.after_step: Callable[[EpochLoop], None] | None = None
+        self.after_epoch: Callable[[EpochLoop], None] | None = None
         self._pending: list[tuple[float, int, int]] = []  # this session's batches of the epoch: loss sum, n, correct
 
     def _step(self, batch: Batch) -> None:

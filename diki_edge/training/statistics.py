@@ -6,12 +6,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from diki_edge_runtime.gaussian import GaussianStats
 
 from diki_edge.distributed import DistContext
 from diki_edge.loader import STATS_BATCH, ShardedSequentialBatches, TensorSource
 from diki_edge.model import DikiCLIP
 from diki_edge.training.loop import LOCAL
+from diki_edge_runtime.gaussian import GaussianStats
 
 
 @contextmanager

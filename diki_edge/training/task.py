@@ -8,13 +8,11 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from diki_edge_runtime import calibration as calib
-from diki_edge_runtime.bank import TaskInfo, TaskSlice
-from diki_edge_runtime.gaussian import GaussianStats
 from torch import nn
 
 from diki_edge.backbone import Backbone, recommended_lr
@@ -29,6 +27,9 @@ from diki_edge.model import DikiCLIP, TaskAdapter
 from diki_edge.training.config import RunOptions, TrainConfig, TrainReport
 from diki_edge.training.loop import LOCAL, EpochLoop, LoopState, cosine_schedule
 from diki_edge.training.statistics import fp32_math, statistics_pass
+from diki_edge_runtime import calibration as calib
+from diki_edge_runtime.bank import TaskInfo, TaskSlice
+from diki_edge_runtime.gaussian import GaussianStats
 
 
 @dataclass

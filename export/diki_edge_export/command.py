@@ -7,9 +7,9 @@ Module-level imports stay light (no torch): the CLI imports this module to build
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
+
 from diki_edge_runtime.contract import DEFAULT_OPSET, DEFAULT_SKIP_BELOW
 
 
@@ -20,9 +20,9 @@ def export_command(
                                   help="fp32 | fp16 (encoder in float16, for the CUDA provider) | int8 "
                                        "(dynamic quantisation, for CPUs)"),
     force: bool = typer.Option(False, "--force", help="replace the output folder if it exists"),
-    model: Optional[str] = typer.Option(None, "--model",
+    model: str | None = typer.Option(None, "--model",
                                         help="backbone to export (default: the one named in the bank)"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained",
+    pretrained: str | None = typer.Option(None, "--pretrained",
                                              help="pretrained tag or checkpoint file (default: from the bank)"),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help=f"ONNX opset (>= {DEFAULT_OPSET})"),
     dynamo: bool = typer.Option(False, "--dynamo/--torchscript",
@@ -32,9 +32,10 @@ def export_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
 ) -> None:
     """Export a bank and its backbone to one validated ONNX graph (bank arrays are graph inputs)."""
-    from diki_edge_runtime.errors import DikiEdgeError
     from rich.console import Console
     from rich.markup import escape
+
+    from diki_edge_runtime.errors import DikiEdgeError
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -57,9 +58,8 @@ def demo(
     from rich.console import Console
     from rich.markup import escape
 
-    from diki_edge_runtime.errors import DikiEdgeError
-
     from diki_edge_export.demo import run_demo
+    from diki_edge_runtime.errors import DikiEdgeError
 
     try:
         run_demo(out, order=order, epochs=epochs, quiet=quiet)

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from diki_edge_runtime.bank import TaskBank
 from rich.console import Console
 from rich.table import Table
+
+from diki_edge_runtime.bank import TaskBank
 
 console = Console(stderr=True)
 
@@ -113,11 +114,10 @@ def prepare_demo_folder(out: Path) -> None:
 
 
 def run_demo(out: Path, order: str = "A", epochs: int = 10, samples_per_task: int = 2, quiet: bool = False) -> None:
-    from diki_edge_export import export_model
-    from diki_edge_runtime import Predictor
-
     from diki_edge.datasets import dcil_benchmark, write_image_folder
     from diki_edge.train import TrainConfig, train_into_bank
+    from diki_edge_export import export_model
+    from diki_edge_runtime import Predictor
 
     start = time.perf_counter()
     # -q: only the final summary (the accuracy table and where the outputs are); every section before it is progress

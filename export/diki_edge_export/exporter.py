@@ -49,12 +49,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from diki_edge_export.errors import ExportError
+from diki_edge_export.targets import TargetResult, build_target, graph_targets, validate_target
 from diki_edge_runtime.contract import (
     BANK_FILE,
-    MANIFEST_FILE,
     DEFAULT_OPSET,
     DEFAULT_SKIP_BELOW,
     EXTERNAL_DATA_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     PRECISIONS,
     PREPROCESS_FILE,
@@ -67,9 +69,6 @@ from diki_edge_runtime.contract import (
     resolved_io,
 )
 from diki_edge_runtime.files import check_writable, replace_dir, staging_dir
-
-from diki_edge_export.errors import ExportError
-from diki_edge_export.targets import TargetResult, build_target, graph_targets, validate_target
 
 DEFAULT_DYNAMO = False
 
@@ -221,7 +220,7 @@ class ExportPlan:
 
 def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None,
                  pretrained: str | None, backbone, precision: str, force: bool, opset: int, dynamo: bool,
-                 skip_below: float, steps: "_Steps") -> ExportPlan:
+                 skip_below: float, steps: _Steps) -> ExportPlan:
     """Options, output place, bank and backbone: every check that needs no export, done before the export."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -234,12 +233,11 @@ def check_export(bank_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check_out_dir(out_dir, force)
     check_writable(out_dir, what="model folder", is_dir=True)  # folder and permissions, before any loading
 
-    from diki_edge_runtime.bank import TaskBank
-
     from diki_edge.calibrated import CalibratedDiki
     from diki_edge.layout import layout_for
     from diki_edge.model import DikiCLIP
     from diki_edge_export.graph import check_visual
+    from diki_edge_runtime.bank import TaskBank
 
     bank = steps.run(f"loading bank {bank_path}", TaskBank.load, bank_path)
     if bank.num_tasks == 0:

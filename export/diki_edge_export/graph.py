@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

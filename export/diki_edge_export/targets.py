@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import AbstractContextManager
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from diki_edge_export.errors import ExportError
 from diki_edge_runtime.contract import (
     EXTERNAL_DATA_FILE,
     INPUT_NAMES,
@@ -33,8 +36,6 @@ from diki_edge_runtime.contract import (
     dynamic_axes,
 )
 from diki_edge_runtime.errors import DikiEdgeError
-
-from diki_edge_export.errors import ExportError
 
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
 Plan = Any  # diki_edge_export.exporter.ExportPlan (which imports this module)

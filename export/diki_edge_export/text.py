@@ -17,19 +17,20 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diki_edge_runtime.contract import TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES
-from diki_edge_runtime.tokenizer import ClipTokenizer, TokenizerSpec, tokenizer_json
 from torch import nn
 
 from diki_edge.model import DikiCLIP, residual
 from diki_edge_export.errors import ExportError
 from diki_edge_export.validate import FP32_BOUNDS, Validation, row_cosine
+from diki_edge_runtime.contract import TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES
+from diki_edge_runtime.tokenizer import ClipTokenizer, TokenizerSpec, tokenizer_json
 
 # Strings every export checks the written tokenizer on (besides the bank's prompts): the cases where
 # re-implementations of CLIP's tokenizer are known to drift (cleaning, Unicode classes, specials, truncation).

@@ -20,13 +20,15 @@ fp32 reference by embedding cosine and top-1 / task agreement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from diki_edge_runtime import tolerances
+
 from diki_edge_runtime import calibration as calib
+from diki_edge_runtime import tolerances
 from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from diki_edge_runtime.gaussian import GaussianStats
 

@@ -31,8 +31,8 @@ what it was fitted to); ``calib_*`` are derived from it and the task's Gaussian 
 :meth:`TaskBank.recalibrated`.
 
 The JSON metadata (safetensors ``__metadata__["diki_edge"]``) names the format version, backbone, adapted depth,
-``l``, dims, calibration grid and per-task name, classes, template, sample count and calibration; its schema is checked by
-:mod:`diki_edge_runtime.schema` on load.
+``l``, dims, calibration grid and per-task name, classes, template, sample count and calibration; its schema is
+checked by :mod:`diki_edge_runtime.schema` on load.
 
 A bank is refused (:class:`~diki_edge_runtime.errors.BankError`, naming the file and the array) when it is
 saved or loaded with a non-finite value in any float array, or when ``class_task`` is not the task index of
@@ -100,7 +100,7 @@ class TaskInfo:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TaskInfo":
+    def from_json(cls, d: dict[str, Any]) -> TaskInfo:
         """From a task entry already checked by :func:`diki_edge_runtime.schema.task_info`."""
         cal = calib.Calibration.from_json(d["calibration"], d["name"]) if "calibration" in d else calib.paper()
         return cls(d["name"], list(d["classes"]), d.get("template", DEFAULT_TEMPLATE), int(d.get("num_samples", 0)),
@@ -126,7 +126,7 @@ class BankLayout:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, d: Any, source: str = "bank layout") -> "BankLayout":
+    def from_json(cls, d: Any, source: str = "bank layout") -> BankLayout:
         """Checked against :func:`diki_edge_runtime.schema.bank_layout`; raises ``MetadataError`` naming ``source``."""
         checked = bank_layout(d, source)
         return cls(**{k: checked[k] for k in cls.__dataclass_fields__})
@@ -146,7 +146,7 @@ class BankLayout:
     def backbone_hash(self) -> str:
         return str(self.backbone.get("weights_sha256", ""))
 
-    def compatibility_problem(self, other: "BankLayout") -> str | None:
+    def compatibility_problem(self, other: BankLayout) -> str | None:
         """Why a bank with layout ``other`` cannot be used where ``self`` is expected, or None."""
         if self.backbone_hash != other.backbone_hash:
             return (f"backbone weights differ (hash {other.backbone_hash[:12]} vs expected "
@@ -199,12 +199,12 @@ class TaskBank:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def empty(cls, layout: BankLayout) -> "TaskBank":
+    def empty(cls, layout: BankLayout) -> TaskBank:
         shapes = layout.shapes(0, 0)
         arrays = {k: np.zeros(s, ARRAY_DTYPES[k]) for k, s in shapes.items()}
         return cls(layout, [], arrays)
 
-    def with_task(self, task: TaskSlice) -> "TaskBank":
+    def with_task(self, task: TaskSlice) -> TaskBank:
         """A new bank with ``task`` appended (or replacing the task of the same name, in place)."""
         self._require_full("add a task to")
         info = task.info
@@ -239,7 +239,7 @@ class TaskBank:
         added = TaskBank(self.layout, [info], single)
         return bank._insert(added, index)
 
-    def merged(self, other: "TaskBank") -> "TaskBank":
+    def merged(self, other: TaskBank) -> TaskBank:
         """Append every task of ``other`` (same backbone and layout; task names must not collide)."""
         problem = self.layout.compatibility_problem(other.layout)
         # The ridge is baked into every task's whitening: tasks finalised with different ridges score on different
@@ -254,12 +254,12 @@ class TaskBank:
             raise BankError(f"cannot merge banks: task names {clash} exist in both (rename one first)")
         return self._insert(other, self.num_tasks)
 
-    def without(self, name: str) -> "TaskBank":
+    def without(self, name: str) -> TaskBank:
         index = self._index(name)
         keep = [i for i in range(self.num_tasks) if i != index]
         return self.select(keep)
 
-    def renamed(self, old: str, new: str) -> "TaskBank":
+    def renamed(self, old: str, new: str) -> TaskBank:
         index = self._index(old)
         if new in self.task_names:
             raise BankError(f"a task named {new!r} already exists")
@@ -267,7 +267,7 @@ class TaskBank:
         tasks[index].name = new
         return TaskBank(self.layout, tasks, dict(self.arrays), graph_only=self.graph_only)
 
-    def recalibrated(self, method: str, names: list[str] | None = None) -> "TaskBank":
+    def recalibrated(self, method: str, names: list[str] | None = None) -> TaskBank:
         """A new bank whose tasks ``names`` (default: all) are calibrated by ``method`` again, from their stored
         statistics alone (:func:`diki_edge_runtime.calibration.fit`)."""
         self._require_full("recalibrate")
@@ -298,7 +298,7 @@ class TaskBank:
             raise BankError(f"cannot {action} a bank loaded without its training arrays (graph_only=True); "
                             "load it in full")
 
-    def select(self, indices: list[int]) -> "TaskBank":
+    def select(self, indices: list[int]) -> TaskBank:
         """A bank holding only the given tasks, in the given order."""
         self._require_full("select tasks of")
         idx = np.asarray(indices, np.int64)
@@ -314,7 +314,7 @@ class TaskBank:
         arrays["class_task"] = np.concatenate(new_task) if new_task else np.zeros(0, np.int64)
         return TaskBank(self.layout, [copy.deepcopy(self.tasks[i]) for i in indices], arrays)
 
-    def _insert(self, other: "TaskBank", index: int) -> "TaskBank":
+    def _insert(self, other: TaskBank, index: int) -> TaskBank:
         other._require_full("merge")
         order = list(range(self.num_tasks))
         left, right = self.select(order[:index]), self.select(order[index:])
@@ -447,7 +447,7 @@ class TaskBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: BankLayout | None = None, graph_only: bool = False,
-             with_text: bool = False, repair: bool = False) -> "TaskBank":
+             with_text: bool = False, repair: bool = False) -> TaskBank:
         """Load and validate a bank file; with ``expect``, refuse one that does not fit that layout.
 
         ``graph_only`` reads just the arrays the exported graph consumes (a runtime's view: no float64

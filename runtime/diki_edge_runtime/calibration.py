@@ -92,7 +92,7 @@ class Calibration:
                 "edge_d2": self.edge_d2}
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "Calibration":
+    def from_json(cls, data: Any, where: str) -> Calibration:
         """From bank metadata; every problem is a ``ValueError`` naming ``where`` (the bank turns it into a
         BankError naming the file and task)."""
         if not isinstance(data, dict) or data.get("method") not in METHODS:
@@ -198,7 +198,9 @@ def _beta_fraction(x: float, a: float, b: float) -> float:
     h = d
     for m in range(1, 10_000):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)), -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
+        even = m * (b - m) * x / ((a + m2 - 1) * (a + m2))
+        odd = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))
+        for num in (even, odd):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -31,7 +30,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _check_output(output: Path, inputs: List[Path]) -> None:
+def _check_output(output: Path, inputs: list[Path]) -> None:
     """Before any work: ``output`` can be written, with room for about the inputs' size."""
     from diki_edge_runtime.files import check_writable
 
@@ -91,7 +90,7 @@ def bank_show(path: Path = typer.Argument(..., help="Bank file."),
 
 @bank_app.command("merge")
 def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to write."),
-               inputs: List[Path] = typer.Argument(..., help="Banks to merge, in task order."),
+               inputs: list[Path] = typer.Argument(..., help="Banks to merge, in task order."),
                force: bool = typer.Option(False, help="Overwrite OUTPUT if it exists.")) -> None:
     """Merge banks trained separately on the same backbone into one (no retraining)."""
     if output.exists() and not force:
@@ -111,7 +110,7 @@ def bank_merge(output: Path = typer.Argument(..., help="Merged bank file to writ
 
 @bank_app.command("remove")
 def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...),
-                output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
+                output: Path | None = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Remove one task from a bank."""
     _check_output(output or path, [path])
     with files.locked(output or path):
@@ -125,7 +124,7 @@ def bank_remove(path: Path = typer.Argument(...), task: str = typer.Argument(...
 
 @bank_app.command("rename")
 def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...), new: str = typer.Argument(...),
-                output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
+                output: Path | None = typer.Option(None, "--out", help="Write here instead of in place.")) -> None:
     """Rename a task in a bank."""
     _check_output(output or path, [path])
     with files.locked(output or path):
@@ -140,16 +139,16 @@ def bank_rename(path: Path = typer.Argument(...), old: str = typer.Argument(...)
 @bank_app.command("add-task")
 def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model folder, or pass --model)."),
                   name: str = typer.Argument(..., help="Name of the new task."),
-                  images: List[str] = typer.Option(..., "--images", help="Example images: files, folders (recursed) "
+                  images: list[str] = typer.Option(..., "--images", help="Example images: files, folders (recursed) "
                                                                         "or globs; repeat the option for more."),
-                  labels: Optional[str] = typer.Option(None, help="The task's labels, comma-separated."),
-                  labels_file: Optional[Path] = typer.Option(None, help="The task's labels, one per line."),
-                  template: Optional[str] = typer.Option(None, help="Prompt template; {} is the label "
+                  labels: str | None = typer.Option(None, help="The task's labels, comma-separated."),
+                  labels_file: Path | None = typer.Option(None, help="The task's labels, one per line."),
+                  template: str | None = typer.Option(None, help="Prompt template; {} is the label "
                                                                     "[default: 'a photo of a {}.']."),
-                  model: Optional[Path] = typer.Option(None, help="Exported model folder [default: the folder the "
+                  model: Path | None = typer.Option(None, help="Exported model folder [default: the folder the "
                                                                   "bank is in]."),
-                  output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place."),
-                  threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
+                  output: Path | None = typer.Option(None, "--out", help="Write here instead of in place."),
+                  threads: int | None = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
                   calibration: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP)) -> None:
     """Add a label-only task without training or torch: V_r = 0, the labels' frozen text embeddings as its class
     table, a Gaussian fitted to the frozen embeddings of the example images. `diki-edge train --replace` can
@@ -186,9 +185,9 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
 @bank_app.command("recalibrate")
 def bank_recalibrate(path: Path = typer.Argument(..., help="Bank file."),
                      method: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP),
-                     task: Optional[List[str]] = typer.Option(None, help="Only this task (repeat for more) "
+                     task: list[str] | None = typer.Option(None, help="Only this task (repeat for more) "
                                                                          "[default: every task]."),
-                     output: Optional[Path] = typer.Option(None, "--out", help="Write here instead of in place.")
+                     output: Path | None = typer.Option(None, "--out", help="Write here instead of in place.")
                      ) -> None:
     """Fit the tasks' familiarity calibration again from the statistics the bank stores (no images, no training):
     e.g. `--method paper` for a model folder exported before graphs took a per-task calibration."""

@@ -61,9 +61,10 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -98,7 +99,7 @@ class Unmatched(str):
 
     message: str
 
-    def __new__(cls, arg: str, message: str) -> "Unmatched":
+    def __new__(cls, arg: str, message: str) -> Unmatched:
         obj = super().__new__(cls, arg)
         obj.message = message
         return obj
@@ -145,19 +146,19 @@ def _format_top(top_k: list[tuple[str, float]]) -> str:
 # Options shared by every command that opens a model folder (`predict`, `serve`): declared once, read into one
 # RuntimeOptions, turned into one PredictorSettings.
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Exported model folder (diki-edge export).")]
-BankOption = Annotated[Optional[Path], typer.Option(help="Use this bank instead of the model folder's own.")]
+BankOption = Annotated[Path | None, typer.Option(help="Use this bank instead of the model folder's own.")]
 ProviderOption = Annotated[str, typer.Option(
     help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, coreml, rocm, migraphx, dml (or an "
          "ONNX Runtime id); a comma-separated chain (tensorrt,cuda,cpu) falls back only as written.")]
-ProviderOptionArgs = Annotated[Optional[list[str]], typer.Option(
+ProviderOptionArgs = Annotated[list[str] | None, typer.Option(
     "--provider-option", help="NAME:KEY=VALUE (KEY=VALUE for a single provider), e.g. "
                               "tensorrt:trt_fp16_enable=true; repeatable.", show_default=False)]
-ProviderOptionsFile = Annotated[Optional[Path], typer.Option(
+ProviderOptionsFile = Annotated[Path | None, typer.Option(
     "--provider-options", help='JSON file {"tensorrt": {"trt_engine_cache_enable": true}, ...}.',
     show_default=False)]
-ThreadsOption = Annotated[Optional[int], typer.Option(
+ThreadsOption = Annotated[int | None, typer.Option(
     help="ONNX Runtime intra-op threads (1 .. the machine's cores x 4).")]
-WorkersOption = Annotated[Optional[int], typer.Option(
+WorkersOption = Annotated[int | None, typer.Option(
     min=0, help="Decode threads overlapped with inference (default: one per core, at most 8; 0: none).",
     show_default=False)]
 FastDecodeOption = Annotated[bool, typer.Option(
@@ -180,12 +181,12 @@ class RuntimeOptions:
     """The command-line options that open a model folder, as given (``predict`` and ``serve`` share them)."""
 
     model: Path
-    bank: Optional[Path] = None
+    bank: Path | None = None
     provider: str = "cpu"
     provider_option: tuple[str, ...] = ()
-    provider_options: Optional[Path] = None
-    threads: Optional[int] = None
-    workers: Optional[int] = None
+    provider_options: Path | None = None
+    threads: int | None = None
+    workers: int | None = None
     fast_decode: bool = False
     low_memory: bool = False
     quiet: bool = False
@@ -211,7 +212,7 @@ class RuntimeOptions:
 
         return 4 if self.quiet else 1 if self.verbose else DEFAULT_LOG_SEVERITY
 
-    def settings(self) -> "PredictorSettings":
+    def settings(self) -> PredictorSettings:
         """The one :class:`PredictorSettings` these options stand for (reads ``--provider-options``)."""
         from diki_edge_runtime.predictor import PredictorSettings
         from diki_edge_runtime.providers import load_options_file, merge_options, parse_option_args
@@ -223,7 +224,7 @@ class RuntimeOptions:
                                   low_memory=self.low_memory, log_severity=self.log_severity)
         return PredictorSettings(session, workers=self.workers, fast_decode=self.fast_decode)
 
-    def open(self) -> "Predictor":
+    def open(self) -> Predictor:
         from diki_edge_runtime.predictor import Predictor
 
         return Predictor(self.model, bank=self.bank, settings=self.settings())
@@ -237,9 +238,9 @@ class PredictJob:
     top_k: int = 5
     batch_size: int = 8
     json_: bool = False
-    labels: Optional[str] = None
-    labels_file: Optional[Path] = None
-    template: Optional[str] = None
+    labels: str | None = None
+    labels_file: Path | None = None
+    template: str | None = None
     embeddings: bool = False
 
     def check(self) -> None:
@@ -252,7 +253,7 @@ class PredictJob:
                              "batch (pixels and activations of every image in it) while throughput does not; "
                              f"use at most {MAX_BATCH_SIZE}")
 
-    def label_list(self) -> Optional[list[str]]:
+    def label_list(self) -> list[str] | None:
         """The labels asked for (checked with the template), or None; a :class:`UsageError` naming the problem."""
         from diki_edge_runtime.labels import label_prompts, parse_labels, read_labels_file
 
@@ -293,10 +294,10 @@ def predict_command(
     low_memory: LowMemoryOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
-    labels: Annotated[Optional[str], typer.Option(help="Classify among these comma-separated labels instead of "
+    labels: Annotated[str | None, typer.Option(help="Classify among these comma-separated labels instead of "
                                                        "the bank's classes.")] = None,
-    labels_file: Annotated[Optional[Path], typer.Option(help="Labels, one per line (instead of --labels).")] = None,
-    template: Annotated[Optional[str], typer.Option(help="Prompt template for the labels; {} is the label "
+    labels_file: Annotated[Path | None, typer.Option(help="Labels, one per line (instead of --labels).")] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template for the labels; {} is the label "
                                                          "[default: 'a photo of a {}.'].")] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Add image and frozen (pass-1) embeddings to "
                                                                   "the --json lines.")] = False,
@@ -327,7 +328,7 @@ def run_predict(runtime: RuntimeOptions, job: PredictJob) -> int:
     label_list = job.label_list()
     entries = expand_inputs(job.inputs)
     paths = [e for e in entries if not isinstance(e, Unmatched)]
-    progress: Optional[Progressbar] = None  # started below when there is more than one batch
+    progress: Progressbar | None = None  # started below when there is more than one batch
 
     def advance(n: int) -> None:
         if progress:
@@ -365,7 +366,7 @@ def run_predict(runtime: RuntimeOptions, job: PredictJob) -> int:
     return EXIT_FAILED_INPUTS if sink.failed else EXIT_OK
 
 
-def open_predictor(runtime: RuntimeOptions, job: PredictJob) -> "Predictor":
+def open_predictor(runtime: RuntimeOptions, job: PredictJob) -> Predictor:
     """The model folder opened with the run's settings, checked for what the job asks of it."""
     from diki_edge_runtime.errors import DikiEdgeError
 
@@ -376,7 +377,7 @@ def open_predictor(runtime: RuntimeOptions, job: PredictJob) -> "Predictor":
     return predictor
 
 
-def _print_setup(err, model: Path, predictor: "Predictor") -> None:
+def _print_setup(err, model: Path, predictor: Predictor) -> None:
     info = predictor.info()
     err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
               f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
@@ -455,7 +456,7 @@ class JsonSink:
         self.embeddings = embeddings
         self.failed = 0
 
-    def emit(self, res: "Prediction") -> None:
+    def emit(self, res: Prediction) -> None:
         self.failed += not res.ok
         line = json.dumps(res.to_json(embeddings=self.embeddings), ensure_ascii=False, allow_nan=False)
         try:
@@ -473,10 +474,10 @@ class TableSink:
 
     def __init__(self, top_k: int):
         self.top_k = top_k
-        self.results: list["Prediction"] = []
+        self.results: list[Prediction] = []
         self.failed = 0
 
-    def emit(self, res: "Prediction") -> None:
+    def emit(self, res: Prediction) -> None:
         self.failed += not res.ok
         self.results.append(res)
 

@@ -232,7 +232,7 @@ class TextSection:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_json(cls, data: Any, source: str) -> "TextSection":
+    def from_json(cls, data: Any, source: str) -> TextSection:
         if not isinstance(data, dict):
             raise RuntimeSetupError(f"{source}: manifest field 'text' must be an object, not {type(data).__name__}")
         for name in ("inputs", "outputs", "files", "tokenizer", "validation"):
@@ -301,7 +301,7 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, source: str = MANIFEST_FILE) -> "Manifest":
+    def from_json(cls, data: Any, source: str = MANIFEST_FILE) -> Manifest:
         """Parse and check a manifest; every problem is a :class:`RuntimeSetupError` naming ``source`` and the
         field."""
         if not isinstance(data, dict):
@@ -352,7 +352,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Manifest":
+    def load(cls, folder: str | os.PathLike) -> Manifest:
         path = Path(folder) / MANIFEST_FILE
         data = read_json_file(path, "manifest", f" (is {path.parent} an exported diki-edge model folder? create one "
                                                 "with `diki-edge export`)")

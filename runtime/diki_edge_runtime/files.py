@@ -34,9 +34,9 @@ import shutil
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from diki_edge_runtime.errors import DikiEdgeError
 

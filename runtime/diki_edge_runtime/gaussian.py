@@ -32,14 +32,14 @@ class GaussianStats:
     outer: np.ndarray  # [D, D] sum of outer products
 
     @classmethod
-    def empty(cls, dim: int) -> "GaussianStats":
+    def empty(cls, dim: int) -> GaussianStats:
         return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
 
     @property
     def dim(self) -> int:
         return int(self.total.shape[0])
 
-    def update(self, embeddings: np.ndarray) -> "GaussianStats":
+    def update(self, embeddings: np.ndarray) -> GaussianStats:
         """Add a batch ``[N, D]`` of embeddings (any float dtype; accumulated in float64)."""
         x = np.asarray(embeddings, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -51,7 +51,7 @@ class GaussianStats:
         self.outer += x.T @ x
         return self
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
+    def merge(self, other: GaussianStats) -> GaussianStats:
         """Exact merge of two shards' statistics (what an all-reduce of the three quantities computes)."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of dimension {self.dim} and {other.dim}")
@@ -74,7 +74,7 @@ class GaussianStats:
         cov = 0.5 * (cov + cov.T)  # exact symmetry despite rounding in the streamed sums
         return cov + ridge * np.eye(self.dim)
 
-    def finalize(self, ridge: float = DEFAULT_RIDGE) -> "GaussianScoring":
+    def finalize(self, ridge: float = DEFAULT_RIDGE) -> GaussianScoring:
         return GaussianScoring.from_moments(self.mean(), self.covariance(ridge))
 
 
@@ -87,7 +87,7 @@ class GaussianScoring:
     const: float  # -0.5 (D log 2pi + log|Sigma|)
 
     @classmethod
-    def from_moments(cls, mean: np.ndarray, cov: np.ndarray) -> "GaussianScoring":
+    def from_moments(cls, mean: np.ndarray, cov: np.ndarray) -> GaussianScoring:
         cov = np.asarray(cov, np.float64)
         if not (np.isfinite(cov).all() and np.isfinite(mean).all()):
             raise ValueError("the statistics hold NaN or infinite values")

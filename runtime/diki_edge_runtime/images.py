@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Tuple, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,7 +63,7 @@ _EXIF_ORIENTATION = 0x0112
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # (stored width, stored height) -> the smallest (width, height) a reduced-scale JPEG decode may return
-DraftSize = Callable[[int, int], Tuple[int, int]]
+DraftSize = Callable[[int, int], tuple[int, int]]
 
 # File suffixes taken as images when a folder is scanned (predict's directory inputs, training's class folders).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",

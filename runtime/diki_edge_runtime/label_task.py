@@ -15,9 +15,9 @@ Every check (name, labels, images, model folder) runs before the bank is written
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -37,10 +37,11 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -75,7 +76,7 @@ class Preprocess:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], source: str = "preprocess config") -> "Preprocess":
+    def from_config(cls, cfg: dict[str, Any], source: str = "preprocess config") -> Preprocess:
         try:
             size = cfg["size"]
             if isinstance(size, (int, float)):
@@ -117,7 +118,7 @@ class Preprocess:
         return cls(hw, mean, std, interpolation, resize_mode, fill, mode)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Preprocess":
+    def from_file(cls, path: str | os.PathLike) -> Preprocess:
         path = Path(path)
         cfg = read_json_file(path, "preprocessing config")
         if not isinstance(cfg, dict):

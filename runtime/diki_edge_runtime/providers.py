@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from diki_edge_runtime.contract import read_json_file
 from diki_edge_runtime.errors import RuntimeSetupError

@@ -29,9 +29,10 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ class SessionSettings:
     low_memory: bool = False
     log_severity: int = DEFAULT_LOG_SEVERITY
 
-    def open(self, model_path: str | os.PathLike, *, io_binding: bool | None = None) -> "Session":
+    def open(self, model_path: str | os.PathLike, *, io_binding: bool | None = None) -> Session:
         """A :class:`Session` for ``model_path`` with these settings (``io_binding`` overrides the field)."""
         return Session(model_path, self.provider, self.threads, self.device_id,
                        self.io_binding if io_binding is None else io_binding,

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class TokenizerSpec:
                 "special_tokens": list(self.special_tokens)}
 
     @classmethod
-    def from_json(cls, data: Any, source: str) -> "TokenizerSpec":
+    def from_json(cls, data: Any, source: str) -> TokenizerSpec:
         try:
             spec = cls(int(data["context_length"]), int(data["sot_token_id"]), int(data["eot_token_id"]),
                        tuple(str(t) for t in data["special_tokens"]), str(data["clean"]), str(data["kind"]))
@@ -132,7 +133,7 @@ class ClipTokenizer:
         self._model = tok.model
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, spec: TokenizerSpec) -> "ClipTokenizer":
+    def from_file(cls, path: str | os.PathLike, spec: TokenizerSpec) -> ClipTokenizer:
         path = Path(path)
         return cls(read_limited_text(path, "tokenizer", TEXT_TABLE_MAX_BYTES), spec, str(path))
 

@@ -10,7 +10,6 @@ import sys
 
 import onnxruntime as ort
 import pytest
-
 from support import REPO  # tests/support.py
 
 

@@ -9,8 +9,16 @@ import pytest
 
 from benchmarks import common
 from benchmarks.common import Config, claim, configure_load, make_result, time_side_by_side
-from benchmarks.load import (TOLERANCE_CORES, CpuReading, LoadMeter, LoadWindow, MachineBusy, parse_busy_seconds,
-                             parse_own_seconds, read_cpu)
+from benchmarks.load import (
+    TOLERANCE_CORES,
+    CpuReading,
+    LoadMeter,
+    LoadWindow,
+    MachineBusy,
+    parse_busy_seconds,
+    parse_own_seconds,
+    read_cpu,
+)
 
 STAT = "cpu  100 5 50 1000 20 3 2 10 0 0\ncpu0 50 2 25 500 10 1 1 5 0 0\nintr 1 2 3\n"
 SELF_STAT = "4242 (python -m x) R 1 2 3 4 5 6 7 8 9 10 300 200 40 60 20 0 1 0 100\n"

@@ -12,16 +12,17 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from diki_edge_runtime import files  # noqa: E402
-from diki_edge_runtime.bank import TaskBank  # noqa: E402
+from support import assert_graph_outputs_close  # noqa: E402  (tests/support.py)
+
 from diki_edge.calibrated import CalibratedDiki, bank_tensors  # noqa: E402
-from diki_edge_export.errors import ExportError  # noqa: E402
-from diki_edge_export import export_model  # noqa: E402
-from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES, Manifest  # noqa: E402
 from diki_edge.layout import layout_for  # noqa: E402
 from diki_edge.model import DikiCLIP  # noqa: E402
 from diki_edge.synthetic import synthetic_task  # noqa: E402
-from support import assert_graph_outputs_close  # noqa: E402  (tests/support.py)
+from diki_edge_export import export_model  # noqa: E402
+from diki_edge_export.errors import ExportError  # noqa: E402
+from diki_edge_runtime import files  # noqa: E402
+from diki_edge_runtime.bank import TaskBank  # noqa: E402
+from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES, Manifest  # noqa: E402
 
 N_CLUSTERS = 7  # tasks use clusters 0..4; 5 and 6 are never in a bank (unfamiliar images)
 UNFAMILIAR = (5, 6)
@@ -47,7 +48,7 @@ class World:
         self.banks = {1: full.select([3]), 2: full.select([0, 1]), 3: full.select([0, 1, 2]), 5: full}
         self.calibrated = CalibratedDiki(self.diki).eval()
 
-    def images(self, cluster: int, n: int) -> "torch.Tensor":
+    def images(self, cluster: int, n: int) -> torch.Tensor:
         return self.means[cluster] + 0.3 * torch.randn(n, 3, 32, 32, generator=self.g)
 
     def reference(self, pixels, bank: TaskBank) -> dict[str, np.ndarray]:
@@ -221,9 +222,8 @@ def test_fp16_export_states_where_it_was_validated(world, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- errors
 def test_hash_mismatch_is_a_clear_error(world, tmp_path):
-    from diki_edge.testing import write_tiny_model_dir
-
     from diki_edge.backbone import load_backbone
+    from diki_edge.testing import write_tiny_model_dir
 
     other = load_backbone(f"local-dir:{write_tiny_model_dir(tmp_path / 'other', seed=1)}")
     bank_path = world.banks[2].save(tmp_path / "bank.safetensors")
@@ -379,8 +379,9 @@ def test_calibration_levels_axis_is_dynamic(exported, world):
 
 
 def test_a_non_finite_bank_is_refused_before_exporting(world, tmp_path):
-    from diki_edge_runtime.errors import BankError
     from safetensors.numpy import save_file
+
+    from diki_edge_runtime.errors import BankError
 
     bank = world.banks[1]
     arrays = {k: v.copy() for k, v in bank.arrays.items()}

@@ -12,10 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from support import GOLDEN, assert_graph_outputs_close, golden_script  # tests/support.py
 
 from diki_edge_runtime.bank import GRAPH_ARRAYS
 from diki_edge_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
-from support import GOLDEN, assert_graph_outputs_close, golden_script  # tests/support.py
 
 
 @pytest.fixture(scope="module")

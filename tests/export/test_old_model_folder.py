@@ -9,11 +9,11 @@ import shutil
 
 import onnx
 import pytest
+from support import GOLDEN, cli_in_process  # tests/support.py
 
 from diki_edge_runtime import Predictor
 from diki_edge_runtime.contract import Manifest
 from diki_edge_runtime.errors import RuntimeSetupError
-from support import GOLDEN, cli_in_process  # tests/support.py
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,11 @@ from diki_edge_runtime.tokenizer import ClipTokenizer  # noqa: E402
 
 def repository_strings() -> list[str]:
     """Every class name and template the repository ships (DCIL tasks, pretraining sets, the golden folder's)."""
+    from support import golden_script  # tests/support.py
+
     from diki_edge.datasets.dcil import TEMPLATE
     from diki_edge.datasets.sources import DIGIT_NAMES, FASHION_NAMES, TEXTURE_NAMES, emoji_concepts
     from diki_edge_runtime.contract import DEFAULT_TEMPLATE
-    from support import golden_script  # tests/support.py
 
     script = golden_script()
 

@@ -12,12 +12,11 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from support import NOT_RUNTIME, REPO  # tests/support.py
 
 DISTRIBUTIONS = {  # name -> (pyproject.toml, package folder)

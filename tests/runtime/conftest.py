@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import GOLDEN, golden_script  # tests/support.py
 
 from diki_edge_runtime.bank import BankLayout, TaskBank, TaskInfo, TaskSlice
 from diki_edge_runtime.gaussian import GaussianStats
-from support import GOLDEN, golden_script  # tests/support.py
 
 EMBED_DIM = 8
 

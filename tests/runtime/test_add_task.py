@@ -8,10 +8,10 @@ import hashlib
 import shutil
 
 import numpy as np
+from support import cli_in_process, run_blocked  # tests/support.py
 
 from diki_edge_runtime import Predictor, files
 from diki_edge_runtime.bank import TaskBank
-from support import cli_in_process, run_blocked  # tests/support.py
 
 
 def _bank_app(*args: str):

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from support import NOT_RUNTIME, block  # tests/support.py
 
 from diki_edge_runtime.bank import TaskBank
-from support import NOT_RUNTIME, block  # tests/support.py
 
 
 @pytest.fixture()
@@ -74,8 +74,8 @@ def test_training_commands_on_a_runtime_only_install_name_what_to_install(tmp_pa
     assert not listed & {"train", "export", "eval", "demo"}, listed
 
 
-@pytest.mark.parametrize("field, first, second", [("ridge", 1e-2, 1e-7),
-                                                   ("calibration_levels", [0.0, 1 / 3, 2 / 3, 1.0], [0.0, 0.25, 0.5, 1.0])])
+@pytest.mark.parametrize("field, first, second", [
+    ("ridge", 1e-2, 1e-7), ("calibration_levels", [0.0, 1 / 3, 2 / 3, 1.0], [0.0, 0.25, 0.5, 1.0])])
 def test_merge_refuses_banks_finalised_differently_naming_both_values_and_files(tmp_path, layout, make_task, field,
                                                                                  first, second):
     import dataclasses

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from support import cli_in_process  # tests/support.py
 
 from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.bank import METADATA_KEY, TaskBank
 from diki_edge_runtime.errors import BankError
-from support import cli_in_process  # tests/support.py
 
 
 def test_the_hotelling_law_matches_simulated_held_out_distances():

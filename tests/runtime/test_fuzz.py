@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import BANK, IMAGES, MODEL, golden_bank, strict_json
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,8 +28,6 @@ from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError
 from diki_edge_runtime.images import ImageError, describe_input, load_rgb
 from diki_edge_runtime.preprocess import Preprocess
-
-from hostile import BANK, IMAGES, MODEL, golden_bank, strict_json
 
 SECONDS_PER_CALL = 10.0
 
@@ -153,8 +152,8 @@ def test_fuzz_bank_loader_on_mutated_metadata(tmp_path, meta):
        dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.int32, np.uint8]),
        shape=st.lists(st.integers(0, 4), max_size=4), value=st.sampled_from([0.0, np.nan, np.inf, 1e30, -1.0]))
 def test_fuzz_bank_loader_on_wrong_arrays(tmp_path, name, dtype, shape, value):
-    from safetensors.numpy import save_file
     from safetensors import safe_open
+    from safetensors.numpy import save_file
 
     arrays, _ = golden_bank()
     with safe_open(str(BANK), framework="numpy") as fh:

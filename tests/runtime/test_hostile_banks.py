@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import BANK, IMAGES, MODEL, cli, damaged_bank, golden_bank, write_bank
 
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError
 from diki_edge_runtime.schema import MetadataError
-
-from hostile import BANK, IMAGES, MODEL, cli, damaged_bank, golden_bank, write_bank
 
 FLOAT_ARRAYS = ["bank_k", "bank_v", "text_k", "text_v", "gauss_mean", "gauss_whiten", "gauss_const", "stats_sum",
                 "stats_outer", "class_embeds"]

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import MODEL, REPO
 from PIL import Image
 
 from diki_edge_runtime import preprocess as pp
 from diki_edge_runtime.images import load_rgb, to_rgb
 from diki_edge_runtime.preprocess import Preprocess
-
-from hostile import MODEL, REPO
 
 PEAK_RSS_LIMIT_MB = 300
 

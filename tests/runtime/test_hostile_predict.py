@@ -13,12 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from hostile import IMAGES, MODEL, REPO, cli, damaged_bank, strict_json
 
 from diki_edge_runtime.errors import RuntimeSetupError
 from diki_edge_runtime.predictor import Prediction, Predictor
 from diki_edge_runtime.session import max_threads
-
-from hostile import IMAGES, MODEL, REPO, cli, damaged_bank, strict_json
 
 PHOTO = IMAGES / "chelsea_0.png"
 

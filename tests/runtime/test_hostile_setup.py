@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostile import IMAGES, MODEL, REPO, strict_json
+from support import cli_in_process
 
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError, RuntimeSetupError
 from diki_edge_runtime.predictor import Predictor
 from diki_edge_runtime.reading import METADATA_MAX_BYTES, read_limited_text
-from hostile import IMAGES, MODEL, REPO, strict_json
-from support import cli_in_process
 
 PHOTO = IMAGES / "chelsea_0.png"
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import diki_edge_runtime
 from support import NOT_RUNTIME, block, run_blocked  # tests/support.py
+
+import diki_edge_runtime
 
 IMPORT_ALL = """
     import importlib, json, pkgutil, sys

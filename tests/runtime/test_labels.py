@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from support import BLOCK_TORCH, REPO, cli_in_process  # tests/support.py
 
 from diki_edge_runtime import Predictor
-from support import BLOCK_TORCH, REPO, cli_in_process  # tests/support.py
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from support import BLOCK_TORCH, REPO  # tests/support.py
 
 from diki_edge_runtime import Predictor
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.errors import BankError
-from diki_edge_runtime import calibration as calib
-from support import BLOCK_TORCH, REPO  # tests/support.py
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -13,12 +13,11 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from hostile import BANK, REPO, cli
 
 from diki_edge_runtime import files
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.files import WriteError, atomic_write, check_writable, replace_dir
-
-from hostile import BANK, REPO, cli
 
 
 def _mode(path: Path) -> int:

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 import pytest
-
-from diki_edge_runtime import Predictor
 from serve_support import Server, multipart
 from support import GOLDEN, block, run_blocked
+
+from diki_edge_runtime import Predictor
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "test-key-0123"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from support import GOLDEN, TORCH_MODULES, block, run_blocked  # tests/support.py
 
 from diki_edge_runtime.errors import RuntimeSetupError
-from support import GOLDEN, TORCH_MODULES, block, run_blocked  # tests/support.py
 
 MODEL = GOLDEN / "model" / "model.onnx"  # any real graph does; this one is committed (no onnx package needed)
 

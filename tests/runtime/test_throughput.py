@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import run_blocked  # tests/support.py
 
 from diki_edge_runtime import Predictor
 from diki_edge_runtime.images import load_rgb
 from diki_edge_runtime.preprocess import Preprocess
-from support import run_blocked  # tests/support.py
 
 
 @pytest.fixture(scope="module")

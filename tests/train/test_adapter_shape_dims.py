@@ -2,9 +2,8 @@
 
 from dataclasses import fields
 
-from diki_edge_runtime import bank as bank_module
-
 from diki_edge.model import AdapterShape
+from diki_edge_runtime import bank as bank_module
 
 
 def test_training_adapter_shape_names_the_bank_layout_dimensions():

@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from diki_edge_runtime.bank import TaskBank
-from diki_edge.calibrated import (CalibratedDiki, bank_tensors, calibration_levels, exact_class_embeds,
-                                  interpolate_class_table, tokenize)
-from diki_edge_runtime.gaussian import log_density
+from diki_edge.calibrated import (
+    CalibratedDiki,
+    bank_tensors,
+    calibration_levels,
+    exact_class_embeds,
+    interpolate_class_table,
+    tokenize,
+)
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
 from diki_edge.synthetic import synthetic_task
+from diki_edge_runtime.bank import TaskBank
+from diki_edge_runtime.gaussian import log_density
 
 CENTRES = (-1.0, 0.0, 1.0)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_support import cli_env, relative_difference, run, torchrun_cmd, train_cmd, write_digit_folder
 
 from diki_edge_runtime.bank import TaskBank
-from train_support import cli_env, relative_difference, run, torchrun_cmd, train_cmd, write_digit_folder
 
 # 33 images in batches of 16: the last global batch has one image, so rank 1's share of it is empty.
 CLASSES, PER_CLASS, BATCH = (0, 1, 2), 11, "16"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 
+from PIL import Image
+from support import GOLDEN, golden_script  # tests/support.py
+
 from diki_edge.train import TrainConfig, train_into_bank
 from diki_edge_runtime import Predictor
 from diki_edge_runtime.bank import TaskBank
 from diki_edge_runtime.label_task import add_label_task
-from PIL import Image
-from support import GOLDEN, golden_script  # tests/support.py
 
 
 def test_train_replace_swaps_a_label_only_task_for_a_trained_one(tmp_path, tiny_model_spec):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from train_support import cli_env, run, train_cmd, write_digit_folder
 
 from diki_edge.checkpoint import METADATA_KEY
 from diki_edge.errors import TrainError
 from diki_edge.train import EpochLoop, RunOptions, TrainConfig, train_into_bank
 from diki_edge_runtime.bank import TaskBank
-from train_support import cli_env, run, train_cmd, write_digit_folder
 
 CFG = TrainConfig(epochs=6, batch_size=8)  # 36 images: 5 steps per epoch, 30 in all
 EVERY = 3

@@ -10,14 +10,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from train_support import cli_env, run, train_cmd, write_digit_folder  # tests/train_support.py
 
 from diki_edge.data import load_tensors, scan_image_folder
 from diki_edge.device import Precision, resolve_device
 from diki_edge.errors import TrainError
+from diki_edge.testing import write_photo_folder
 from diki_edge.train import RunOptions, TrainConfig, image_transform, learn_task, open_or_create_bank, train_into_bank
 from diki_edge_runtime.bank import TaskBank
-from diki_edge.testing import write_photo_folder
-from train_support import cli_env, run, train_cmd, write_digit_folder  # tests/train_support.py
 
 
 def test_streamed_bank_is_bit_identical_to_the_in_memory_path_with_workers_and_a_bad_image(tmp_path, tiny_model_spec):

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from train_support import write_digit_folder  # tests/train_support.py
 
 from diki_edge.backbone import load_backbone
-from diki_edge_runtime.bank import TaskBank
 from diki_edge.errors import DataError
-from diki_edge_runtime.errors import BankError
 from diki_edge.train import TrainConfig, train_into_bank
-from train_support import write_digit_folder  # tests/train_support.py
+from diki_edge_runtime.bank import TaskBank
+from diki_edge_runtime.errors import BankError
 
 FAST = TrainConfig(epochs=2, batch_size=16)
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 import torch
-from diki_edge_runtime.bank import TaskBank, TaskSlice
-from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 
 from diki_edge.calibrated import (
     CalibratedDiki,
@@ -32,13 +30,15 @@ from diki_edge.evaluation.methods.common import (
     Outcome,
     encode_chunks,
     own_or_selected,
-    time_per_image,
     set_key,
+    time_per_image,
 )
 from diki_edge.evaluation.tasks import EvalTask
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
 from diki_edge.train import TrainConfig, learn_task
+from diki_edge_runtime.bank import TaskBank, TaskSlice
+from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 
 
 class UncalibratedDiki(CalibratedDiki):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from diki_edge.evaluation.methods.common import (
     encode_chunks,
     fit_baseline,
     own_or_selected,
-    time_per_image,
     set_key,
+    time_per_image,
 )
 from diki_edge.evaluation.tasks import EvalTask
 

@@ -112,7 +112,7 @@ class Guard:
                 sys.stderr.write(json.dumps(line) + "\n")
                 sys.stderr.flush()
 
-    def _refusal(self, scope) -> "Refusal | None":
+    def _refusal(self, scope) -> Refusal | None:
         headers = dict(scope["headers"])
         if self.key is not None and scope["path"] != "/healthz" and scope["method"] != "OPTIONS":
             given = headers.get(b"authorization", b"")

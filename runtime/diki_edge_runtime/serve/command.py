@@ -11,7 +11,7 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,7 +41,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(
+    api_key: Annotated[str | None, typer.Option(
         envvar="DIKI_EDGE_API_KEY", show_default=False, show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every endpoint but /healthz.")] = None,
     provider: ProviderOption = "cpu",
@@ -58,11 +58,11 @@ def serve_command(
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MiB (413 above).")] = 64.0,
     max_images: Annotated[int, typer.Option(help="Image files per predict request.")] = 64,
     queue_limit: Annotated[int, typer.Option(help="Predict requests waiting for the model; past it 503.")] = 64,
-    idle_unload: Annotated[Optional[float], typer.Option(
+    idle_unload: Annotated[float | None, typer.Option(
         help="Release the ONNX Runtime sessions after this many idle seconds (reopened on the next request).",
         show_default=False)] = None,
     drain_seconds: Annotated[float, typer.Option(help="SIGTERM: time requests in flight get to finish.")] = 10.0,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(
+    cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", help="Allow browser requests from this origin (repeatable); none by default.",
         show_default=False)] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per request on stderr.")] = False,
