@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml runtime/pyproject.toml export/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e "./runtime[serve]" -e ./export -e ".[cpu,export,data,dev,docs]"
+	$(BIN)/pip install --quiet -e "./runtime[serve,openvino]" -e ./export -e ".[cpu,export,data,dev,docs]"
 	touch $@
 
 demo: env
@@ -33,7 +33,7 @@ test-runtime:
 	$(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/pip install --quiet --upgrade pip
 	$(RUNTIME_VENV)/bin/pip wheel --quiet --no-deps runtime/ -w dist/
-	$(RUNTIME_VENV)/bin/pip install --quiet "$$(ls dist/diki_edge_runtime-*.whl)[cpu,serve,test]"
+	$(RUNTIME_VENV)/bin/pip install --quiet "$$(ls dist/diki_edge_runtime-*.whl)[cpu,serve,openvino,test]"
 	@ls -l dist/diki_edge_runtime-*.whl
 	$(RUNTIME_VENV)/bin/python -I -c "import importlib.util as u, diki_edge_runtime as r; \
 	  assert 'site-packages' in r.__file__, r.__file__; \

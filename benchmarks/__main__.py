@@ -61,6 +61,7 @@ OWN = [
     ("cold_start", "benchmarks.bench_cold_start", 6),  # also the peak RSS
     ("int8", "benchmarks.bench_int8", 8),
     ("roofline", "benchmarks.bench_roofline", 10),
+    ("peers", "benchmarks.bench_peers", 21),  # fastest validated runtime path vs PyTorch's fastest and OpenVINO
     ("throughput", "benchmarks.bench_throughput", 13),  # decode pool, fast decode
     ("throughput_vit", "benchmarks.bench_throughput_vit", 13),  # ViT-B/16, low memory
     ("train", "benchmarks.bench_train", 11),  # streamed vs in-memory training, gloo, CUDA fp32/bf16

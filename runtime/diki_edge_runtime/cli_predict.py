@@ -169,6 +169,10 @@ LowMemoryOption = Annotated[bool, typer.Option(
                          "after each run instead of kept.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="ONNX Runtime's info messages on stderr.")]
+PrecisionOption = Annotated[str, typer.Option(
+    help="Arithmetic of the image graph: fp32; bf16 (OpenVINO on a CPU with AMX or AVX512-BF16, pip install "
+         "'diki-edge-runtime[openvino]'); auto (bf16 where it runs and agrees with fp32 on a probe batch, else "
+         "fp32).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")]
 # Each image in a forward holds its pixels (3 x 224 x 224 float32 = 0.6 MB) and the encoder's activations, so memory
 # grows with the batch while throughput stops growing long before this: a larger value only risks running out.
@@ -191,6 +195,7 @@ class RuntimeOptions:
     low_memory: bool = False
     quiet: bool = False
     verbose: bool = False
+    precision: str = "fp32"
 
     def check(self) -> None:
         """The checks that need no file: a :class:`UsageError` naming the option."""
@@ -205,6 +210,8 @@ class RuntimeOptions:
                              f"4 = {max_threads()}")
         if self.quiet and self.verbose:
             raise UsageError("--quiet and --verbose contradict each other")
+        if self.precision.strip().lower() not in ("fp32", "bf16", "auto"):
+            raise UsageError(f"--precision {self.precision!r}: use fp32, bf16 or auto")
 
     @property
     def log_severity(self) -> int:
@@ -221,7 +228,8 @@ class RuntimeOptions:
         options = merge_options(load_options_file(self.provider_options) if self.provider_options else None,
                                 parse_option_args(self.provider_option, self.provider.split(",")))
         session = SessionSettings(self.provider, self.threads, provider_options=options,
-                                  low_memory=self.low_memory, log_severity=self.log_severity)
+                                  low_memory=self.low_memory, log_severity=self.log_severity,
+                                  precision=self.precision.strip().lower())
         return PredictorSettings(session, workers=self.workers, fast_decode=self.fast_decode)
 
     def open(self) -> Predictor:
@@ -294,6 +302,7 @@ def predict_command(
     low_memory: LowMemoryOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
+    precision: PrecisionOption = "fp32",
     labels: Annotated[str | None, typer.Option(help="Classify among these comma-separated labels instead of "
                                                        "the bank's classes.")] = None,
     labels_file: Annotated[Path | None, typer.Option(help="Labels, one per line (instead of --labels).")] = None,
@@ -304,7 +313,7 @@ def predict_command(
 ) -> None:
     """Predict task, familiarity M and top-k classes (or any labels) for images, without PyTorch."""
     runtime = RuntimeOptions(model, bank, provider, tuple(provider_option or ()), provider_options, threads, workers,
-                             fast_decode, low_memory, quiet, verbose)
+                             fast_decode, low_memory, quiet, verbose, precision)
     job = PredictJob(tuple(inputs), top_k, batch_size, json_, labels, labels_file, template, embeddings)
     code = run_predict(runtime, job)
     if code:
@@ -345,7 +354,7 @@ def run_predict(runtime: RuntimeOptions, job: PredictJob) -> int:
         raise RuntimeSetupError(str(exc)) from None
     sink = JsonSink(job.embeddings) if job.json_ else TableSink(job.top_k)
     if not runtime.quiet:
-        _print_setup(err, runtime.model, predictor)
+        _print_setup(err, runtime.model, predictor, runtime.verbose)
     if not runtime.quiet and len(paths) > job.batch_size:
         progress = Progressbar(err, len(paths))
     if label_list is not None and not runtime.quiet:
@@ -377,11 +386,15 @@ def open_predictor(runtime: RuntimeOptions, job: PredictJob) -> Predictor:
     return predictor
 
 
-def _print_setup(err, model: Path, predictor: Predictor) -> None:
+def _print_setup(err, model: Path, predictor: Predictor, verbose: bool = False) -> None:
     info = predictor.info()
     err.print(f"model {model} · bank {info['bank']} ({len(info['tasks'])} tasks, {len(predictor.classes)} "
               f"classes) · providers: {', '.join(predictor.providers)}", markup=False)
-    for note in info["provider_notes"]:
+    compute = info["compute"]
+    if verbose or compute["requested"] != "fp32":
+        err.print(f"precision {compute['precision']} (asked: {compute['requested']}) on {compute['engine']} · CPU "
+                  f"kernels: {', '.join(compute['cpu_kernels']) or 'none reported'}", markup=False)
+    for note in info["provider_notes"] + compute["notes"]:
         err.print(f"note: {note}", markup=False)
 
 

@@ -35,6 +35,7 @@ besides the batch being answered.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -180,7 +181,8 @@ class Predictor:
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, device_id: int = 0, io_binding: bool | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None, low_memory: bool = False,
                  workers: int | None = None, fast_decode: bool = False,
-                 log_severity: int = DEFAULT_LOG_SEVERITY, label_cache_bytes: int = DEFAULT_LABEL_CACHE_BYTES):
+                 log_severity: int = DEFAULT_LOG_SEVERITY, label_cache_bytes: int = DEFAULT_LABEL_CACHE_BYTES,
+                 precision: str = "fp32"):
         """Open an exported model folder.
 
         ``settings``: every option below as one :class:`PredictorSettings` (what ``diki-edge predict`` and
@@ -198,11 +200,13 @@ class Predictor:
         calling thread); ``fast_decode``: decode JPEG files at a reduced DCT scale before the exact resize (faster,
         slightly different pixels: see README.md); ``log_severity``: the lowest ONNX Runtime log level
         printed (0 verbose .. 4 fatal; see ``session.DEFAULT_LOG_SEVERITY``); ``label_cache_bytes``: bound on the
-        cached text tables of label sets (per bank, LRU; labels.py).
+        cached text tables of label sets (per bank, LRU; labels.py); ``precision``: ``fp32`` (default), ``bf16``
+        (OpenVINO on a CPU with AMX / AVX512-BF16) or ``auto`` (bf16 where it runs and agrees with fp32 on a probe
+        batch, else fp32; precision.py).
         Raises :class:`RuntimeSetupError` / :class:`BankError` with a message naming the problem.
         """
         session = SessionSettings(provider if isinstance(provider, str) else tuple(provider), threads, device_id,
-                                  io_binding, provider_options, low_memory, log_severity)
+                                  io_binding, provider_options, low_memory, log_severity, precision)
         given = PredictorSettings(session, max_pixels, workers, fast_decode, label_cache_bytes)
         if settings is not None and given != PredictorSettings():
             raise TypeError("Predictor takes settings=PredictorSettings(...) or keyword options, not both")
@@ -249,6 +253,38 @@ class Predictor:
         self.label_cache_bytes = int(settings.label_cache_bytes)
         self._state: _BankState | None = None
         self.load_bank(bank if bank is not None else self.model_dir / BANK_FILE)
+        self.precision_notes: list[str] = []
+        if settings.session.precision.strip().lower() == "auto" and self.compute_precision == "bf16":
+            self._validate_auto_bf16(settings.session)
+
+    PROBE_BATCH = 8
+
+    def _validate_auto_bf16(self, session_settings: SessionSettings) -> None:
+        """``precision="auto"`` chose bf16: keep it only if it agrees with an fp32 run of the same graph on a probe
+        batch (seeded noise in the graph's pixel space, the current bank); else reopen at fp32 and say why."""
+        from diki_edge_runtime.precision import disagreements
+        from diki_edge_runtime.tolerances import BF16_MIN_COSINE
+
+        fp32 = session_settings.open(self.model_dir / MODEL_FILE, precision="fp32")
+        rng = np.random.default_rng(0)
+        pixels = rng.normal(size=(self.PROBE_BATCH, 3, *self.preprocess.size)).astype(np.float32)
+        fp32_bank = fp32.prepare_bank(self._state.handle.host)  # host arrays: both sessions read them in place
+        problems = disagreements(fp32.run(pixels, fp32_bank), self.session.run(pixels, self._state.handle),
+                                 BF16_MIN_COSINE)
+        if problems:
+            self.precision_notes.append(f"auto: bf16 disagreed with fp32 on the probe batch ({'; '.join(problems)}); "
+                                        "running fp32")
+            with self._lock:
+                self.session = fp32
+                self._state = dataclasses.replace(self._state, handle=fp32_bank)
+        else:
+            self.precision_notes.append(f"auto: bf16 agrees with fp32 on a probe batch of {self.PROBE_BATCH} (same "
+                                        f"task and top-1, embedding cosine >= {BF16_MIN_COSINE})")
+
+    @property
+    def compute_precision(self) -> str:
+        """The arithmetic the image graph runs in: ``bf16`` (OpenVINO), else the graph's own (fp32, fp16, int8)."""
+        return getattr(self.session, "precision", None) or self.manifest.precision
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -281,10 +317,24 @@ class Predictor:
             "fast_decode": self.fast_decode,
             "backbone": self.manifest.backbone,
             "precision": self.manifest.precision,
+            "compute": self.compute_info(),
             "image_size": list(self.preprocess.size),
             "bank": state.source if state else None,
             "tasks": [{"name": t.name, "classes": len(t.classes)} for t in state.bank.tasks] if state else [],
         }
+
+    def compute_info(self) -> dict[str, Any]:
+        """Which precision, engine and CPU matrix kernels run the image graph, and what was asked."""
+        from diki_edge_runtime.cpu_features import read_cpu_features
+
+        cpu = read_cpu_features()
+        precision = self.compute_precision
+        kernels = (cpu.bf16_kernels if precision == "bf16" else cpu.int8_kernels if precision == "int8" else
+                   [f for f in ("avx512f", "avx2", "fma") if f in cpu.flags])
+        return {"precision": precision, "requested": self.settings.session.precision,
+                "engine": "openvino" if precision == "bf16" else "onnxruntime", "providers": self.providers,
+                "cpu": cpu.model_name, "cpu_kernels": kernels, "cpu_matrix_flags": cpu.kernels(),
+                "notes": list(getattr(self, "precision_notes", []))}
 
     # ----------------------------------------------------------------- banks
     def load_bank(self, bank: str | os.PathLike | TaskBank) -> TaskBank:

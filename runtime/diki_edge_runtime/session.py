@@ -147,9 +147,18 @@ class SessionSettings:
     provider_options: Mapping[str, Mapping[str, Any]] | None = None
     low_memory: bool = False
     log_severity: int = DEFAULT_LOG_SEVERITY
+    precision: str = "fp32"  # fp32 | bf16 | auto (precision.py); bf16 opens an OpenVINO session (ov_session.py)
 
-    def open(self, model_path: str | os.PathLike, *, io_binding: bool | None = None) -> Session:
-        """A :class:`Session` for ``model_path`` with these settings (``io_binding`` overrides the field)."""
+    def open(self, model_path: str | os.PathLike, *, io_binding: bool | None = None,
+             precision: str | None = None) -> Session:
+        """A :class:`Session` for ``model_path`` with these settings (``io_binding`` and ``precision`` override the
+        fields); at bf16 an :class:`~diki_edge_runtime.ov_session.OpenVinoSession`, which has the same interface."""
+        from diki_edge_runtime.precision import resolve_precision
+
+        if resolve_precision(self.precision if precision is None else precision, self.provider) == "bf16":
+            from diki_edge_runtime.ov_session import OpenVinoSession
+
+            return OpenVinoSession(model_path, self.threads, "bf16")  # type: ignore[return-value]
         return Session(model_path, self.provider, self.threads, self.device_id,
                        self.io_binding if io_binding is None else io_binding,
                        provider_options=self.provider_options, low_memory=self.low_memory,

@@ -64,7 +64,8 @@ class TextEncoder:
         source = str(model_dir / MANIFEST_FILE)
         model_path, tokenizer_path = text_files(model_dir, section)
         self.tokenizer = ClipTokenizer.from_file(tokenizer_path, TokenizerSpec.from_json(section.tokenizer, source))
-        self.session = settings.open(model_path, io_binding=False)
+        # fp32 always: the label tables are built once per label set, so bf16 would save little and cost accuracy
+        self.session = settings.open(model_path, io_binding=False, precision="fp32")
         self.session.require(TEXT_INPUT_NAMES, TEXT_OUTPUT_NAMES, f"{model_path}: text graph")
         graph_context = self.session.input_shapes[TEXT_INPUT_NAMES[0]][1]
         self.dynamic_length = not isinstance(graph_context, int)

@@ -109,3 +109,33 @@ def tasks_agree(got_task: np.ndarray, ref_scores: np.ndarray, ref_task: np.ndarr
     rows = np.arange(len(got_task))
     gap = ref_scores[rows, ref_task] - ref_scores[rows, got_task]
     return (got_task == ref_task) | (gap <= score_bound[rows, ref_task] + score_bound[rows, got_task])
+
+
+# ---------------------------------------------------------------------------------------------- bf16 (OpenVINO)
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8 significand bits
+
+
+def bf16_embedding_rel_error(width: int = 768, layers: int = 12, margin: float = 4.0) -> float:
+    """Bound on ``||f_bf16 - f_fp32|| / ||f_fp32||`` of the image embedding when the matrix products round their
+    inputs to bf16 and accumulate in fp32 (OpenVINO's CPU plugin on AMX / AVX512-BF16).
+
+    Rounding both operands of a product to bf16 perturbs each term of a dot product by at most ``2 u`` relatively
+    (``u = 2**-8``); with independent signs the sum's relative error is about ``sqrt(2) u`` (the fp32 accumulation,
+    ``sqrt(n) 2**-24``, is negligible beside it), independent of the inner dimension. Pre-LN residual blocks add the
+    errors of their ``4 layers`` GEMM stages without amplifying them: ``sqrt(4 layers) sqrt(2) u``. ``margin`` 4
+    covers LayerNorm's ``1/std`` amplification, softmax and the projection. ``width`` does not enter (kept for the
+    signature of :func:`embedding_max_abs`). ViT-B/16: 0.153; a shallower backbone has a smaller one.
+    """
+    del width
+    return margin * math.sqrt(4 * layers) * math.sqrt(2.0) * BF16_UNIT_ROUNDOFF
+
+
+def bf16_min_cosine(width: int = 768, layers: int = 12, margin: float = 4.0) -> float:
+    """The smallest embedding cosine with fp32 allowed at bf16: ``cos >= 1 - r^2 / 2`` for a relative error ``r``
+    (:func:`bf16_embedding_rel_error`) of a unit vector. ViT-B/16: 0.988, which holds for any shallower backbone."""
+    r = bf16_embedding_rel_error(width, layers, margin)
+    return 1.0 - 0.5 * r * r
+
+
+# Rounded down from bf16_min_cosine() for the largest supported backbone (ViT-B/16): 0.98830.
+BF16_MIN_COSINE = 0.988

@@ -117,3 +117,31 @@ def test_latency_records_pytorch_settings(tiny_results):
         assert eager["chosen"] in eager["trial"] and row["pytorch setting"] == eager["chosen"]
         assert eager["threads"]["intra_op_threads"] == row["data"]["threads"]
         assert row["met"] is None  # the ratio to PyTorch is reported, not targeted
+
+
+def test_peers_compares_validated_runtime_paths_with_pytorch(tiny_results):
+    """The peers measurement on the tiny model: at each batch the runtime's paths, PyTorch's fastest eager (and bf16
+    autocast where the CPU has bf16 units) and OpenVINO's plain encoder ran in the same rounds; the summary ratio is
+    the smaller of the batches' fastest-validated-runtime / fastest-PyTorch throughput ratios."""
+    from benchmarks.roofline import has_bf16_units
+
+    out, _, _ = tiny_results
+    res = json.loads((out / "peers.json").read_text())
+    for batch in (1, 8):
+        rows = [r for r in res["rows"] if r["batch"] == batch]
+        paths = {r["path"] for r in rows}
+        assert {"runtime fp32 (ORT)", "runtime int8 (ORT MatMulInteger)"} <= paths
+        assert any(p.startswith("PyTorch fp32") for p in paths)
+        assert any(p.startswith("PyTorch bf16 autocast") for p in paths) == has_bf16_units()
+        assert ("runtime bf16 (OpenVINO)" in paths) == has_bf16_units()
+        assert any(p.startswith("OpenVINO plain encoder") for p in paths)
+        ips = {r["path"]: r["data"]["images_per_s"] for r in rows}
+        best_rt = next(r["path"] for r in rows if r["fastest"] == "runtime")
+        best_torch = next(r["path"] for r in rows if r["fastest"] == "torch")
+        assert next(r for r in rows if r["path"] == best_rt)["validated"] == "yes"
+        assert res["summary"]["by_batch"][str(batch)] == pytest.approx(ips[best_rt] / ips[best_torch])
+        for r in rows:
+            assert r["load"].startswith(("quiet", "CONTENDED"))
+            if r["data"]["fraction_of_peak"] is not None:
+                assert r["data"]["peak"] in ("int8", "bf16") and r["data"]["fraction_of_peak"] > 0
+    assert res["summary"]["fastest_vs_torch_fastest"] == min(res["summary"]["by_batch"].values())

@@ -21,6 +21,7 @@ from diki_edge_runtime.cli_predict import (
     FastDecodeOption,
     LowMemoryOption,
     ModelOption,
+    PrecisionOption,
     ProviderOption,
     ProviderOptionArgs,
     ProviderOptionsFile,
@@ -68,10 +69,11 @@ def serve_command(
     log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per request on stderr.")] = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
+    precision: PrecisionOption = "fp32",
 ) -> None:
     """Serve calibrated predictions over HTTP (local by default; see docs/serve.md)."""
     runtime = RuntimeOptions(model, bank, provider, tuple(provider_option or ()), provider_options, threads, workers,
-                             fast_decode, low_memory, quiet, verbose)
+                             fast_decode, low_memory, quiet, verbose, precision)
     serve = ServeSettings(host, port, api_key, batch_size, max_wait_ms, max_body_mb, max_images, queue_limit,
                           idle_unload, drain_seconds, tuple(cors_origin or ()), log_json, top_k)
     run_server(runtime, serve)
