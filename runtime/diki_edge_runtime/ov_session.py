@@ -16,7 +16,7 @@ compiled model is).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from diki_edge_runtime.errors import RuntimeSetupError
-from diki_edge_runtime.session import BankHandle
+from diki_edge_runtime.session import BankHandle, GraphSignature
 
 OPENVINO_PACKAGE = "openvino (pip install 'diki-edge-runtime[openvino]')"
 PROVIDER_NAME = "OpenVINO CPU (openvino runtime)"
@@ -51,7 +51,7 @@ def openvino_missing_reason() -> str | None:
     return None
 
 
-class OpenVinoSession:
+class OpenVinoSession(GraphSignature):
     """The graph compiled by OpenVINO for the CPU at ``precision`` (``bf16`` or ``fp32``)."""
 
     def __init__(self, model_path: str | os.PathLike, threads: int | None = None, precision: str = "bf16"):
@@ -96,17 +96,6 @@ class OpenVinoSession:
     @property
     def memory_settings(self) -> dict[str, Any]:
         return {"low_memory": False, "cpu_mem_arena": None, "mem_pattern": None}
-
-    def require(self, inputs: Sequence[str], outputs: Sequence[str], what: str) -> None:
-        absent = [n for n in inputs if n not in self.input_types]
-        absent += [n for n in outputs if n not in self.output_names]
-        if absent:
-            raise RuntimeSetupError(f"{what} lacks inputs/outputs {absent}")
-
-    def input_dtype(self, name: str) -> np.dtype:
-        from diki_edge_runtime.session import numpy_dtype
-
-        return numpy_dtype(self.input_types[name])
 
     def prepare_bank(self, arrays: Mapping[str, np.ndarray]) -> BankHandle:
         return BankHandle({k: np.ascontiguousarray(v) for k, v in arrays.items()})

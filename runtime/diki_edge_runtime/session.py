@@ -165,7 +165,25 @@ class SessionSettings:
                        log_severity=self.log_severity)
 
 
-class Session:
+class GraphSignature:
+    """What every session (ONNX Runtime's :class:`Session`, OpenVINO's ``OpenVinoSession``) answers about its graph
+    from its ``input_types`` (name -> ONNX type string) and ``output_names``."""
+
+    input_types: dict[str, str]
+    output_names: list[str]
+
+    def require(self, inputs: Sequence[str], outputs: Sequence[str], what: str) -> None:
+        """Refuse a graph that lacks any of these inputs or outputs (``what`` names it in the error)."""
+        absent = [n for n in inputs if n not in self.input_types]
+        absent += [n for n in outputs if n not in self.output_names]
+        if absent:
+            raise RuntimeSetupError(f"{what} lacks inputs/outputs {absent}")
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return numpy_dtype(self.input_types[name])
+
+
+class Session(GraphSignature):
     """An ONNX Runtime session for one exported graph on one execution provider."""
 
     def __init__(self, model_path: str | os.PathLike, provider: str | Sequence[str] = "cpu",
@@ -236,16 +254,6 @@ class Session:
         opts = self._sess.get_session_options()
         return {"low_memory": self.low_memory, "cpu_mem_arena": bool(opts.enable_cpu_mem_arena),
                 "mem_pattern": bool(opts.enable_mem_pattern)}
-
-    def require(self, inputs: Sequence[str], outputs: Sequence[str], what: str) -> None:
-        """Refuse a graph that lacks any of these inputs or outputs (``what`` names it in the error)."""
-        absent = [n for n in inputs if n not in self.input_types]
-        absent += [n for n in outputs if n not in self.output_names]
-        if absent:
-            raise RuntimeSetupError(f"{what} lacks inputs/outputs {absent}")
-
-    def input_dtype(self, name: str) -> np.dtype:
-        return numpy_dtype(self.input_types[name])
 
     def prepare_bank(self, arrays: Mapping[str, np.ndarray]) -> BankHandle:
         """Bank arrays (already in the graph's dtypes) -> a handle; with IO binding (CUDA) they are copied to the
