@@ -6,7 +6,10 @@ on a shared machine mean nothing.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from benchmarks.__main__ import OWN, main  # noqa: E402
+from benchmarks.__main__ import OWN  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 MACHINE_KEYS = {"cpu_model", "usable_cores", "logical_cpus", "memory_gib", "python", "torch_version",
                 "onnxruntime_version", "numpy_version", "open_clip_version", "loadavg_at_start"}
@@ -27,7 +32,10 @@ def tiny_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     cache = tmp_path_factory.mktemp("bench-cache")
     t0 = time.perf_counter()
-    code = main(["--tiny", "--out", str(out), "--cache", str(cache)])
+    # In its own process: the run loads OpenVINO and torch's bf16 kernels with their thread pools, and later tests
+    # fork (DataLoader workers); a fork of a process holding those pools crashed the whole test session.
+    code = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out), "--cache", str(cache)],
+                          cwd=REPO, stdout=subprocess.DEVNULL).returncode
     return out, code, time.perf_counter() - t0
 
 
