@@ -68,6 +68,7 @@ OWN = [
     ("labels", "benchmarks.bench_labels", 12),  # labels at prediction time, encode_text, label cache
     ("serve", "benchmarks.bench_serve", 20),  # diki-edge serve: batching, overload, reload under load, idle unload
     ("train_memory", "benchmarks.bench_train_memory", 19),  # training peak RSS flat in the number of images
+    ("open_world", "benchmarks.bench_open_world", 22),  # M on learned vs unfamiliar domains, per calibration
 ]
 # Scripts other engineers own; included when present. Not run in --tiny mode (they pick their own backbones).
 EXTERNAL = [

@@ -1,5 +1,6 @@
 """``diki-edge serve`` under load (loopback only, bounded in count and time), on diki-tiny (the five photo tasks of
-bench_throughput; ``--tiny``: the tiny random backbone).
+bench_throughput) and ViT-B/32 with random weights (the suite's 11-task bank; ``--tiny``: the tiny random backbone
+only).
 
 * throughput: 8 concurrent clients x single-image requests against the server (batch 8, 5 ms batching wait) vs
   ``Predictor.predict`` over the same images in batches of 8 in-process, rounds interleaved side by side;
@@ -220,29 +221,26 @@ def idle_unload(model: Path, threads: int, image: tuple[str, bytes], log: Path) 
         server.stop()
 
 
-def model_and_photos(cfg: Config) -> tuple[Path, list[Path], str]:
+def models_and_photos(cfg: Config) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The model folders the throughput rounds run on (diki-tiny, then ViT-B/32 with random weights outside
+    --tiny) and the photos; the behaviour rounds (overload, reload, idle unload) use the first."""
     from benchmarks.bench_throughput import bundled_model, photo_folder
 
     cache = cfg.cache_dir / "throughput"
     photos = photo_folder(cache, 16 if cfg.tiny else 64)
     if cfg.tiny:
-        return get_world(cfg, cfg.reference_model).exported("fp32"), photos, "tiny test backbone"
-    return bundled_model(cache), photos, "diki-tiny"
+        return [(get_world(cfg, cfg.reference_model).exported("fp32"), "tiny test backbone")], photos
+    return [(bundled_model(cache), "diki-tiny"), (get_world(cfg, "ViT-B-32").exported("fp32"), "ViT-B/32")], photos
 
 
-def measure(cfg: Config) -> dict[str, Any]:
+def throughput_rows(model: Path, backbone: str, images: list[tuple[str, bytes]], paths: list[str], cfg: Config,
+                    work: Path) -> list[dict[str, Any]]:
+    """8 clients x single-image requests against the server vs in-process batches of 8, side by side."""
     from diki_edge_runtime import Predictor
-    from diki_edge_runtime.bank import TaskBank
 
-    model, photos, backbone = model_and_photos(cfg)
-    work = cfg.cache_dir / "serve"
-    work.mkdir(parents=True, exist_ok=True)
-    threads = cfg.n_threads
-    images = [(p.name, p.read_bytes()) for p in photos]
-    paths = [str(p) for p in photos]
     per_client = max(1, len(images) // CLIENTS)
-    local = Predictor(model, threads=threads)
-    server = Server(model, threads, log=work / "throughput.log")
+    local = Predictor(model, threads=cfg.n_threads)
+    server = Server(model, cfg.n_threads, log=work / "throughput.log")
     try:
         last: dict[str, Any] = {}
 
@@ -259,6 +257,32 @@ def measure(cfg: Config) -> dict[str, Any]:
     throughput = 1 / r["of_medians"]
     lat = np.array(last["latencies"]) * 1000
     n = per_client * CLIENTS
+    return [
+        {"measurement": f"{backbone}: throughput, {CLIENTS} clients x 1 image vs in-process batches of {BATCH}",
+         "figure": f"{throughput:.2f}x", "met": throughput >= 0.8,
+         "detail": (f"{n} images/round: server {t['server'].fmt(1, 's')}, in-process {t['in_process'].fmt(1, 's')};"
+                    f" mean batch {batches:.1f} images"),
+         "data": {"server": t["server"].to_json(), "in_process": t["in_process"].to_json(), "ratio": r,
+                  "throughput_ratio": throughput, "mean_batch": batches}},
+        {"measurement": f"{backbone}: request latency under {CLIENTS} clients (last round)",
+         "figure": f"p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms", "met": None,
+         "detail": f"{len(lat)} requests, {last['wrong']} wrong answers",
+         "data": {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                  "wrong": last["wrong"]}},
+    ]
+
+
+def measure(cfg: Config) -> dict[str, Any]:
+    from diki_edge_runtime.bank import TaskBank
+
+    models, photos = models_and_photos(cfg)
+    work = cfg.cache_dir / "serve"
+    work.mkdir(parents=True, exist_ok=True)
+    threads = cfg.n_threads
+    images = [(p.name, p.read_bytes()) for p in photos]
+    paths = [str(p) for p in photos]
+    rows = [row for model, backbone in models for row in throughput_rows(model, backbone, images, paths, cfg, work)]
+    model, backbone = models[0]
 
     bank_file = work / "bank.safetensors"
     shutil.copy(model / "bank.safetensors", bank_file)
@@ -281,18 +305,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     idle, idle_window = under_load_watch(lambda: idle_unload(model, threads, images[0], work / "idle.log"))
     idle["load"] = idle_window.to_json()
 
-    rows = [
-        {"measurement": f"throughput, {CLIENTS} clients x 1 image vs in-process batches of {BATCH}",
-         "figure": f"{throughput:.2f}x", "met": throughput >= 0.8,
-         "detail": (f"{n} images/round: server {t['server'].fmt(1, 's')}, in-process {t['in_process'].fmt(1, 's')};"
-                    f" mean batch {batches:.1f} images"),
-         "data": {"server": t["server"].to_json(), "in_process": t["in_process"].to_json(), "ratio": r,
-                  "throughput_ratio": throughput, "mean_batch": batches}},
-        {"measurement": "request latency under 8 clients (last round)",
-         "figure": f"p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms", "met": None,
-         "detail": f"{len(lat)} requests, {last['wrong']} wrong answers",
-         "data": {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                  "wrong": last["wrong"]}},
+    rows += [
         {"measurement": f"overload: 64 clients, queue limit 16, {seconds:.0f} s, reload halfway",
          "figure": f"{ov['200']} x 200, {ov['503']} x 503, {ov['other']} other", "met": ov_ok,
          "detail": (f"mixed answers {ov['mixed']}, tasks outside old/new bank {ov['tasks_outside']}, reload "
@@ -305,7 +318,9 @@ def measure(cfg: Config) -> dict[str, Any]:
                     f"{idle['warm_request_s'] * 1000:.0f} ms"),
          "data": idle},
     ]
-    notes = [f"{backbone}; {len(images)} JPEG photos; ONNX Runtime {threads} threads; server --batch-size {BATCH} "
+    notes = [f"{', '.join(b for _, b in models)}; overload, reload and idle unload on {backbone}; {len(images)} JPEG "
+             f"photos; ONNX Runtime {threads} threads; server --batch-size {BATCH} "
              "--max-wait-ms 5; loopback only; clients are threads of this process (they share its cores)",
              "this machine is shared: rounds marked contended claim nothing"]
-    return make_result(NAME, TITLE, TARGET, COLUMNS, rows, notes, extra={"backbone": backbone})
+    return make_result(NAME, TITLE, TARGET, COLUMNS, rows, notes,
+                       extra={"backbone": backbone, "backbones": [b for _, b in models]})

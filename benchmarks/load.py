@@ -5,7 +5,8 @@ A figure is only as good as the machine was quiet. Before and after each block o
 * the load averages (``/proc/loadavg``, or ``os.getloadavg``), and
 * the CPU time every process *other than this one* used: the busy time of all cores (``/proc/stat``: user, nice,
   system, irq, softirq, steal — steal is time a hypervisor gave our cores to someone else) minus this process's
-  own CPU time (``/proc/self/stat``: all its threads plus the children it has reaped).
+  own CPU time (``/proc/self/stat``: all its threads plus the children it has reaped) and that of its live
+  descendants (e.g. the ``diki-edge serve`` child of the serve benchmark: its work is the measurement's own).
 
 ``other_cores`` = other processes' CPU seconds / wall seconds, the average number of cores they kept busy. The
 load during the rounds is ``threads + other_cores``; a block is **contended** when that exceeds the usable cores
@@ -69,6 +70,34 @@ def parse_own_seconds(self_stat_text: str, ticks: int) -> float:
     return sum(int(x) for x in rest[11:15]) / ticks
 
 
+def parse_stat_fields(stat_text: str) -> tuple[int, float]:
+    """(ppid, utime + stime in ticks) of one ``/proc/PID/stat``."""
+    rest = stat_text.rsplit(")", 1)[1].split()
+    return int(rest[1]), float(int(rest[11]) + int(rest[12]))
+
+
+def descendants_seconds(proc: Path, root: int, ticks: int) -> float:
+    """CPU seconds (utime + stime) of the live descendants of process ``root``, from every ``proc/PID/stat``
+    (a process that exits between listing and reading is skipped: its time moves to its parent's cutime)."""
+    parent, cpu = {}, {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent[int(entry.name)], cpu[int(entry.name)] = parse_stat_fields((entry / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        total += cpu[pid]
+        todo += children.get(pid, [])
+    return total / ticks
+
+
 def parse_loadavg(text: str) -> tuple[float, float, float]:
     a, b, c = text.split()[:3]
     return float(a), float(b), float(c)
@@ -86,6 +115,7 @@ def read_cpu(proc: Path | None = None) -> CpuReading:
     try:
         busy = parse_busy_seconds((proc / "stat").read_text(), ticks)
         own = parse_own_seconds((proc / "self" / "stat").read_text(), ticks)
+        own += descendants_seconds(proc, os.getpid(), ticks)
     except (OSError, ValueError, IndexError):
         busy = own = None
     return CpuReading(wall, loadavg, busy, own)

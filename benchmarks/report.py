@@ -118,6 +118,7 @@ RENDERERS: dict[str, Renderer] = {
     "throughput_vit": suite_table,
     "hostile_images": suite_table,
     "serve": suite_table,
+    "open_world": suite_table,
     "bank_swap": bank_swap,
     "export_full_size": export_full_size,
     "skip_pass": skip_pass,

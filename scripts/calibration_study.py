@@ -26,8 +26,7 @@ def embeddings() -> dict[str, np.ndarray]:
 
     from diki_edge.backbone import load_backbone
     from diki_edge.datasets import make_task
-    from diki_edge.datasets import sources as S
-    from diki_edge.datasets.dcil import zero_shot_holdouts
+    from diki_edge.datasets.dcil import unfamiliar_sets
     from diki_edge.training.task import image_transform
 
     backbone = load_backbone()
@@ -47,34 +46,13 @@ def embeddings() -> dict[str, np.ndarray]:
         task = make_task(name)
         sets[f"train:{name}"] = embed([p[0] for p in task.train])
         sets[f"test:{name}"] = embed([p[0] for p in task.test])
-    holdouts = zero_shot_holdouts()
-    sets["fashion"] = embed(list(S.load_fashion_mnist("test", n=500, seed=0).images))
-    for name in ("pen-digits", "sklearn-digits"):
-        sets[name] = embed([p[0] for p in holdouts[name].test])
-    rng, crops = np.random.default_rng(0), []
-    for photo in S.load_photos().images:
-        h, w = photo.shape[:2]
-        for _ in range(12):
-            s = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
-            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-            crops.append(np.ascontiguousarray(photo[y:y + s, x:x + s]))
-    sets["photo-crops"] = embed(crops)
+    for name, task in unfamiliar_sets().items():
+        sets[name] = embed([p[0] for p in task.test])
     return sets
 
 
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Probability that a familiar image's M exceeds an unfamiliar one's (ties count half)."""
-    values = np.concatenate([pos, neg])
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):  # average ranks of ties
-        tied = values == v
-        ranks[tied] = ranks[tied].mean()
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def main() -> None:
+    from diki_edge.evaluation.metrics import auroc
     from diki_edge_runtime import calibration as calib
     from diki_edge_runtime.gaussian import GaussianStats, log_density
 

@@ -50,6 +50,7 @@ __all__ = [
     "dcil_tasks",
     "dcil_benchmark",
     "zero_shot_holdouts",
+    "unfamiliar_sets",
     "pretraining_sets",
     "write_image_folder",
     "PRETRAIN_TONES",
@@ -168,6 +169,41 @@ def zero_shot_holdouts(include_debian: bool = False) -> dict:
     if include_debian and S.fashion_mnist_available():
         f = S.load_fashion_mnist("test", n=1000, seed=0)
         out["fashion"] = Task("fashion", "Fashion-MNIST", f.class_names, [], f.pairs(), f.license, "held-out images")
+    return out
+
+
+def photo_crops(per_photo: int = 12, seed: int = 0) -> Task:
+    """Square crops (a quarter to a half of the short side) of scikit-image's photographs: real photos of a domain
+    no DCIL task learns, unlabelled (``class_names`` empty, labels -1)."""
+    from PIL import Image
+
+    rng, crops = np.random.default_rng(seed), []
+    photos = S.load_photos()
+    for photo in photos.images:
+        h, w = photo.shape[:2]
+        for _ in range(per_photo):
+            s = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+            crops.append((Image.fromarray(np.ascontiguousarray(photo[y:y + s, x:x + s]), "RGB"), -1))
+    return Task("photo-crops", "crops of photographs", [], [], crops, photos.license, "domain seen, no task")
+
+
+def unfamiliar_sets(max_images: int | None = None, seed: int = 0) -> dict:
+    """Image sets of domains no DCIL task learns, for open-world measurements: ``fashion`` (Fashion-MNIST test
+    images, Debian's ``dataset-fashion-mnist``; absent without it), ``pen-digits`` and ``sklearn-digits`` (the
+    held-out digit domains), ``photo-crops`` (unlabelled). ``{name: Task}`` with the images in ``test``; none of
+    them is an image of a DCIL task. ``max_images``: at most that many of each set, evenly spaced."""
+    hold = zero_shot_holdouts(include_debian=False)
+    out = {}
+    if S.fashion_mnist_available():
+        f = S.load_fashion_mnist("test", n=500, seed=seed)
+        out["fashion"] = Task("fashion", "Fashion-MNIST", f.class_names, [], f.pairs(), f.license, "held-out images")
+    out["pen-digits"] = hold["pen-digits"]
+    out["sklearn-digits"] = hold["sklearn-digits"]
+    out["photo-crops"] = photo_crops(seed=seed)
+    if max_images is not None:  # evenly spaced: some sets are stored class by class
+        for t in out.values():
+            t.test = [t.test[int(i)] for i in np.linspace(0, len(t.test) - 1, min(max_images, len(t.test)))]
     return out
 
 

@@ -541,6 +541,23 @@ class Predictor:
             results += pending
         return results
 
+    def decode(self, item: ImageInput, index: int = 0) -> tuple[Prediction, np.ndarray | None]:
+        """Read and preprocess one input (thread-safe): its still empty result and its pixels, or the result
+        with its error and no pixels. :meth:`predict_decoded` finishes it; a caller that decodes ahead in its own
+        threads (the server, across requests) overlaps decoding with inference as :meth:`iter_predict` does."""
+        return self._decode((index, item))
+
+    def predict_decoded(self, decoded: Sequence[tuple[Prediction, np.ndarray | None]], top_k: int = 5,
+                        batch_size: int = 8, labels: Sequence[str] | None = None,
+                        template: str | None = None) -> list[Prediction]:
+        """:meth:`predict` for inputs :meth:`decode` read: the same results, in order (failed decodes keep their
+        errors and cost nothing)."""
+        call = self._call(top_k, batch_size, labels, template)
+        results: list[Prediction] = []
+        for start in range(0, len(decoded), batch_size):
+            results += self._predict_chunk(list(decoded[start:start + batch_size]), call)
+        return results
+
     def _call(self, top_k: int, batch_size: int, labels: Sequence[str] | None, template: str | None) -> _Call:
         """Check a call's arguments (and, for labels, the text graph) and fix the bank snapshot it runs on."""
         if top_k < 1:

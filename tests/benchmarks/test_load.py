@@ -3,6 +3,7 @@ summary, and ``--require-quiet``'s bounded wait (with a fake machine: the real o
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from benchmarks.load import (
     LoadMeter,
     LoadWindow,
     MachineBusy,
+    descendants_seconds,
     parse_busy_seconds,
     parse_own_seconds,
     read_cpu,
@@ -77,6 +79,22 @@ def test_read_cpu_from_a_fake_proc(tmp_path):
     assert r.busy_s is not None and r.own_s is not None and r.busy_s > 0 and r.own_s > 0
     (tmp_path / "stat").unlink()  # no /proc/stat: the load average stands in
     assert read_cpu(tmp_path).busy_s is None
+
+
+def test_live_children_count_as_own_cpu_time(tmp_path):
+    """A child the benchmark started (the serve benchmark's server) is the measurement's work, not another
+    process's: its CPU time and its own children's count as ours; an unrelated process's does not."""
+    (tmp_path / "self").mkdir()
+    (tmp_path / "loadavg").write_text("1.0 1.0 1.0 1/1 1\n")
+    (tmp_path / "stat").write_text(STAT)
+    (tmp_path / "self" / "stat").write_text(SELF_STAT)
+    me = os.getpid()
+    for pid, ppid, ticks in ((9001, me, 150), (9002, 9001, 50), (9003, 1, 700)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (serve x) S {ppid} 2 3 4 5 6 7 8 9 10 {ticks} 0 0 0 20\n")
+    # own: 6.0 s of /proc/self plus 1.5 + 0.5 s of the two descendants; process 9003 is someone else's
+    assert read_cpu(tmp_path).own_s == pytest.approx(8.0)
+    assert descendants_seconds(tmp_path, 9001, 100) == pytest.approx(0.5)
 
 
 def _window(others_cpu_s: float, own_cpu_s: float, wall: float = 10.0, threads: int = 2, cores: int = 2,

@@ -1,7 +1,7 @@
 """DIKI as the evaluator runs it: :class:`DikiEngine` trains each task once (tasks are independent) and serves
-the per-sample, batch-voting and uncalibrated variants; the second encoder pass of an image depends only on
-(image, selected task) and is memoised, which gives exactly the numbers a fresh run over each row's bank would give
-(tested against :class:`~diki_edge.calibrated.CalibratedDiki`)."""
+the per-sample, batch-voting, paper-calibrated and uncalibrated variants; the second encoder pass of an image
+depends only on (image, selected task, calibration) and is memoised, which gives exactly the numbers a fresh run
+over each row's bank would give (tested against :class:`~diki_edge.calibrated.CalibratedDiki`)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from diki_edge.evaluation.tasks import EvalTask
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
 from diki_edge.train import TrainConfig, learn_task
+from diki_edge_runtime import calibration as calib
 from diki_edge_runtime.bank import TaskBank, TaskSlice
 from diki_edge_runtime.contract import DEFAULT_SKIP_BELOW
 
@@ -64,7 +65,8 @@ class DikiEngine:
         self.reports: dict[str, LearnReport] = {}
         self._gauss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._calib: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # [1] slope, [1] bias of each task
+        # [1] slope, [1] bias of each (task, calibration): "task" as the task was trained, "paper" DIKI's mapping
+        self._calib: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._f0: dict[str, torch.Tensor] = {}
         self._scores: dict[tuple[str, str], torch.Tensor] = {}
         self._pass2: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -89,10 +91,14 @@ class DikiEngine:
         """Register a task's bank slice (trained here, or made elsewhere, e.g. :mod:`diki_edge.synthetic`)."""
         name = sl.info.name
         self.slices[name] = sl
-        arrays = TaskBank.empty(self.layout).with_task(sl).graph_inputs()  # float32, exactly as a bank stores them
+        one = TaskBank.empty(self.layout).with_task(sl)
+        arrays = one.graph_inputs()  # float32, exactly as a bank stores them
         self._gauss[name] = tuple(torch.from_numpy(np.array(arrays[k][0]))
                                   for k in ("gauss_mean", "gauss_whiten", "gauss_const"))
-        self._calib[name] = tuple(torch.from_numpy(np.array(arrays[k])) for k in ("calib_slope", "calib_bias"))
+        paper = one.recalibrated(calib.PAPER).graph_inputs()
+        for which, source in (("task", arrays), ("paper", paper)):
+            self._calib[(name, which)] = tuple(torch.from_numpy(np.array(source[k]))
+                                               for k in ("calib_slope", "calib_bias"))
         self._kv[name] = (torch.from_numpy(arrays["bank_k"][0].copy()), torch.from_numpy(arrays["bank_v"][0].copy()))
         self._tables[(name, tuple(sl.info.classes), sl.info.template)] = torch.from_numpy(
             arrays["class_embeds"].copy())
@@ -123,17 +129,19 @@ class DikiEngine:
             cols.append(self._scores[(key, n)])
         return torch.stack(cols, 1)
 
-    def weight(self, score: torch.Tensor, names: Sequence[str], sel: torch.Tensor) -> torch.Tensor:
-        """The calibrated ``M`` of scores of the tasks ``names[sel]`` (the same float32 expression as
-        CalibratedDiki)."""
-        slope = torch.cat([self._calib[n][0] for n in names]).index_select(0, sel)
-        bias = torch.cat([self._calib[n][1] for n in names]).index_select(0, sel)
+    def weight(self, score: torch.Tensor, names: Sequence[str], sel: torch.Tensor, which: str = "task") -> torch.Tensor:
+        """The calibrated ``M`` of scores of the tasks ``names[sel]`` under calibration ``which`` ("task": each
+        task's own, "paper": DIKI's mapping), the same float32 expression as CalibratedDiki."""
+        slope = torch.cat([self._calib[(n, which)][0] for n in names]).index_select(0, sel)
+        bias = torch.cat([self._calib[(n, which)][1] for n in names]).index_select(0, sel)
         return calibration_weight(score, slope, bias)
 
-    def second_pass(self, task: EvalTask, holdout: bool, name: str, calibrated: bool,
+    def second_pass(self, task: EvalTask, holdout: bool, name: str, which: str | None,
                     idx: torch.Tensor) -> torch.Tensor:
-        """Embeddings of images ``idx`` with task ``name``'s adapter at their own ``M`` (or at 1)."""
-        key = (set_key(task, holdout), name, "cal" if calibrated else "one")
+        """Embeddings of images ``idx`` with task ``name``'s adapter at their own ``M`` under calibration
+        ``which`` (None: at M = 1)."""
+        calibrated = which is not None
+        key = (set_key(task, holdout), name, which or "one")
         n = len(task.test_y)
         if key not in self._pass2:
             self._pass2[key] = (torch.zeros(n, self.dim), torch.zeros(n, dtype=torch.bool))
@@ -143,7 +151,7 @@ class DikiEngine:
             f0 = self.f0(task, holdout)
             if calibrated:
                 w = self.weight(self.scores(task, holdout, [name])[todo, 0], [name],
-                                torch.zeros(len(todo), dtype=torch.int64))
+                                torch.zeros(len(todo), dtype=torch.int64), which)
             else:
                 w = torch.ones(len(todo))
             run = w >= self.skip_below if calibrated else torch.ones(len(todo), dtype=torch.bool)
@@ -172,7 +180,8 @@ class DikiEngine:
     def predict(self, task: EvalTask, holdout: bool, learned: Sequence[str], mode: str,
                 vote_batch: int = 32) -> Outcome:
         """``mode``: "sample" (per-sample selection), "vote" (reference batch voting over consecutive batches
-        of ``vote_batch`` test images of this set) or "uncalibrated" (per-sample selection, M = 1)."""
+        of ``vote_batch`` test images of this set), "paper" (per-sample, DIKI's own mapping whatever the task was
+        trained with) or "uncalibrated" (per-sample selection, M = 1)."""
         scores = self.scores(task, holdout, learned)  # [N, t]
         sel = scores.argmax(dim=1)
         if mode == "vote":
@@ -180,8 +189,8 @@ class DikiEngine:
                 votes = torch.bincount(sel[i:i + vote_batch], minlength=len(learned))
                 sel[i:i + vote_batch] = int(votes.argmax())
         chosen = scores.gather(1, sel.unsqueeze(1)).squeeze(1)
-        calibrated = mode != "uncalibrated"
-        weight = self.weight(chosen, learned, sel) if calibrated else torch.ones(len(sel))
+        which = None if mode == "uncalibrated" else "paper" if mode == "paper" else "task"
+        weight = self.weight(chosen, learned, sel, which) if which else torch.ones(len(sel))
         text_weight = weight.clone()
         if mode == "vote":
             for i in range(0, len(sel), vote_batch):
@@ -191,7 +200,7 @@ class DikiEngine:
         for s in sel.unique().tolist():
             idx = torch.nonzero(sel == s).squeeze(1)
             name = learned[s]
-            f = self.second_pass(task, holdout, name, calibrated, idx)
+            f = self.second_pass(task, holdout, name, which, idx)
             classes_of = _slice_task(self.slices[name]) if own else task
             table = interpolate_class_table(self.table(name, classes_of), text_weight[idx])
             pred[idx] = torch.einsum("bd,bcd->bc", f, table).argmax(1)
@@ -216,6 +225,8 @@ class DikiMethod(Method):
                    "per-sample task selection by Gaussian log-density, calibrated M per sample"),
         "vote": ("diki-vote", "DIKI (batch voting)",
                  "one task per test batch by majority vote, batch-mean M on the text side (reference behaviour)"),
+        "paper": ("diki-paper", "DIKI, the paper's calibration (per-sample)",
+                  "per-sample task selection by Gaussian log-density, M = sigmoid(S / D - 1) as in the paper"),
         "uncalibrated": ("diki-no-calib", "DIKI without calibration (M = 1)",
                          "per-sample task selection by Gaussian log-density, M = 1 always"),
     }

@@ -4,8 +4,13 @@ and idle unloading.
 Batching: predict requests wait in one FIFO queue (at most ``queue_limit``; :class:`QueueFull` past it, answered
 503 at once instead of growing memory). One worker thread takes the oldest request and, for at most
 ``max_wait_ms`` after it arrived, lets later requests with the same labels and template join it, up to
-``batch_size`` images; the batch runs as one :meth:`Predictor.predict` call (top-k: the largest asked, cut per
-request) and each request gets back only its own images, in its own order.
+``batch_size`` images; the batch runs as one :meth:`Predictor.predict_decoded` call (top-k: the largest asked, cut
+per request) and each request gets back only its own images, in its own order.
+
+Decoding ahead: a request's images are read and preprocessed in a pool of decode threads (``workers``, as
+``Predictor``) as soon as it is among the first ``2 * batch_size`` queued images, so the next batch decodes while
+the current one runs (what :meth:`Predictor.iter_predict` does within one call) and at most about two batches of
+decoded pixels wait in memory, whatever the queue holds.
 
 Reload: :meth:`Engine.reload` re-reads the bank file the server was started with through
 :meth:`Predictor.load_bank`, which swaps atomically or keeps the old bank; a batch already running keeps the
@@ -26,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from diki_edge_runtime.contract import BANK_FILE
+from diki_edge_runtime.pipeline import default_workers
 from diki_edge_runtime.predictor import Prediction, Predictor, PredictorSettings
 from diki_edge_runtime.serve.metrics import Metrics
 from diki_edge_runtime.serve.settings import ServeSettings
@@ -54,6 +60,7 @@ class Job:
     template: str | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    decoded: list[Future] | None = None  # one per image once its decoding started (Predictor.decode)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -89,6 +96,8 @@ class Engine:
         self._stopping = False
         self._last_used = time.monotonic()
         self._worker = threading.Thread(target=self._loop, name="diki-edge-batcher", daemon=True)
+        workers = default_workers() if settings.workers is None else max(settings.workers, 1)
+        self._decoder = ThreadPoolExecutor(workers, thread_name_prefix="diki-edge-decode")
 
     # ----------------------------------------------------------------- model
     def open(self) -> None:
@@ -164,8 +173,26 @@ class Engine:
                                 f"{self.serve.queue_limit})")
             self._queue.append(job)
             self.metrics.set(queue_depth=len(self._queue))
+            self._decode_ahead()
             self._cond.notify()
         return job.future
+
+    def _decode_ahead(self) -> None:
+        """Start decoding the oldest queued requests' images, up to ``2 * batch_size`` images decoding or decoded
+        (always at least the oldest request). Called with ``_cond`` held."""
+        budget, started = 2 * self.serve.batch_size, 0
+        for job in self._queue:
+            if job.decoded is None:
+                if started and started + len(job.paths) > budget:
+                    return
+                self._start_decoding(job)
+            started += len(job.paths)
+
+    def _start_decoding(self, job: Job) -> None:
+        def decode(path: str, index: int) -> tuple[Prediction, np.ndarray | None]:
+            return self.predictor().decode(path, index)
+
+        job.decoded = [self._decoder.submit(decode, path, i) for i, path in enumerate(job.paths)]
 
     def stop(self, timeout: float) -> None:
         """Finish the queued requests (within ``timeout`` seconds) and stop the worker."""
@@ -174,6 +201,7 @@ class Engine:
             self._cond.notify()
         if self._worker.is_alive():
             self._worker.join(timeout)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while True:
@@ -213,6 +241,10 @@ class Engine:
                     rest.append(job)
             self._queue.extendleft(reversed(rest))
             self.metrics.set(queue_depth=len(self._queue))
+            for job in batch:
+                if job.decoded is None:
+                    self._start_decoding(job)
+            self._decode_ahead()  # the next batch decodes while this one runs
             return batch
 
     def _images(self, key: tuple[Any, ...]) -> int:
@@ -232,9 +264,11 @@ class Engine:
         paths = [p for job in batch for p in job.paths]
         first = batch[0]
         try:
+            decoded = [f.result() for job in batch for f in job.decoded or ()]
             predictor = self.predictor()
-            results = predictor.predict(paths, top_k=max(j.top_k for j in batch), batch_size=self.serve.batch_size,
-                                        labels=first.labels, template=first.template)
+            results = predictor.predict_decoded(decoded, top_k=max(j.top_k for j in batch),
+                                                batch_size=self.serve.batch_size, labels=first.labels,
+                                                template=first.template)
         except Exception as exc:  # a setup or label error: every request of the batch asked the same thing
             for job in batch:
                 job.future.set_exception(exc)
