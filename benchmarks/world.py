@@ -201,10 +201,18 @@ class World:
     def exported(self, precision: str = "fp32") -> Path:
         """The model folder for the 11-task bank (exported once per setting and cached)."""
         out = self.dir / f"model-{precision}"
-        if (out / "manifest.json").is_file() and (out / "model.onnx").is_file():
+        if (out / "manifest.json").is_file() and (out / "model.onnx").is_file() and self._current(out):
             return out
         self.export_to(out, precision)
         return out
+
+    @staticmethod
+    def _current(folder: Path) -> bool:
+        """Whether a cached export takes every input of today's graph contract (else it is exported again)."""
+        from diki_edge_runtime.contract import INPUT_NAMES
+
+        inputs = json.loads((folder / "manifest.json").read_text()).get("inputs", {})
+        return all(name in inputs for name in INPUT_NAMES)
 
     def export_to(self, out: Path, precision: str = "fp32", bank_path: Path | None = None):
         from diki_edge_export import export_model

@@ -41,9 +41,7 @@ def train(
     seed: int = typer.Option(0),
     ridge: float = typer.Option(1e-7, help="Covariance ridge (a new bank only; a bank keeps its own)."),
     levels: int = typer.Option(9, min=2, help="Calibration levels G of the class text table (a new bank only)."),
-    calibration: str = typer.Option(calib.DEFAULT_METHOD, help="How the task's familiarity score maps to M: "
-                                    "heldout (fitted to how new images of the task score) or paper "
-                                    "(sigmoid(S/D - 1), DIKI's fixed mapping)."),
+    calibration: str = typer.Option(calib.DEFAULT_METHOD, help=calib.METHOD_HELP),
     replace: bool = typer.Option(False, help="Retrain a task of the same name in place."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),

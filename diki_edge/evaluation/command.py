@@ -13,7 +13,7 @@ import typer
 
 from diki_edge_runtime.errors import DikiEdgeError
 
-METHOD_HELP = "zero-shot, diki, diki-paper, diki-vote, diki-no-calib, prompt-l2p, finetune, diki-onnx"
+METHOD_HELP = "zero-shot, diki, diki-heldout, diki-vote, diki-no-calib, prompt-l2p, finetune, diki-onnx"
 
 
 def eval_command(

@@ -115,8 +115,8 @@ def build_methods(backbone, cfg: EvalConfig, work_dir: Path) -> list[Method]:
             out.append(ZeroShot(frozen))
         elif key == "diki":
             out.append(DikiMethod(engine, "sample"))
-        elif key == "diki-paper":
-            out.append(DikiMethod(engine, "paper"))
+        elif key == "diki-heldout":
+            out.append(DikiMethod(engine, "heldout"))
         elif key == "diki-vote":
             out.append(DikiMethod(engine, "vote", cfg.vote_batch))
         elif key == "diki-no-calib":

@@ -26,7 +26,7 @@ class TrainConfig:
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     levels: int = 9
     ridge: float = DEFAULT_RIDGE
-    calibration: str = calib.DEFAULT_METHOD  # diki_edge_runtime.calibration: "heldout" or "paper"
+    calibration: str = calib.DEFAULT_METHOD  # diki_edge_runtime.calibration: "paper" or "heldout"
 
     def __post_init__(self) -> None:
         problem = config_problem(self)

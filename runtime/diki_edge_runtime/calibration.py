@@ -44,7 +44,10 @@ import numpy as np
 PAPER = "paper"
 HELDOUT = "heldout"
 METHODS = (PAPER, HELDOUT)
-DEFAULT_METHOD = HELDOUT
+DEFAULT_METHOD = PAPER  # measured: docs/calibration.md, "Choosing the default"
+METHOD_HELP = ("How a task's familiarity score maps to M: paper (sigmoid(S/D - 1), DIKI's fixed mapping; the "
+               "default) or heldout (fitted to how new images of the task score: less of the residual on unfamiliar "
+               "images, some learned accuracy lost).")
 
 HOTELLING = "hotelling"
 SOURCES = (HOTELLING,)  # where a heldout fit's distances come from (recorded, so another source can be added)

@@ -23,8 +23,7 @@ from diki_edge_runtime.errors import BankError, DikiEdgeError, UsageError
 bank_app = typer.Typer(no_args_is_help=True,
                        help="Inspect and edit task banks (show, merge, remove, rename, add-task, recalibrate).")
 
-CALIBRATION_HELP = ("How a task's familiarity score maps to M: heldout (fitted to how new images of the task score) "
-                    "or paper (sigmoid(S/D - 1), DIKI's fixed mapping).")
+CALIBRATION_HELP = calib.METHOD_HELP
 
 out = Console()
 err = Console(stderr=True)

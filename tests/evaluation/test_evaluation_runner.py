@@ -30,7 +30,7 @@ def _holdouts():
 
 def test_engine_matches_calibrated_diki(backbone):
     """The memoised evaluator gives CalibratedDiki's (and the ablation module's) predictions on every bank, with
-    the tasks' own (heldout) calibration and with the paper's mapping."""
+    the tasks' own (paper) calibration and with every task refitted to its held-out law."""
     from diki_edge.calibrated import CalibratedDiki, bank_tensors
     from diki_edge.evaluation.methods import DikiEngine, UncalibratedDiki
     from diki_edge.synthetic import synthetic_task
@@ -42,18 +42,18 @@ def test_engine_matches_calibrated_diki(backbone):
         # Gaussians fitted on the test images too, so that M is far from 0 and the residual branch matters.
         engine.add_task(synthetic_task(engine.diki, backbone.tokenizer, t.name, t.class_names,
                                        torch.cat([t.train_x, t.test_x]), engine.levels, seed=i, value_scale=2.0,
-                                       calibration="heldout"))
+                                       calibration="paper"))
     learned = [t.name for t in tasks[:3]]
     bank = engine.bank(learned)
-    assert bank.calibrated_task_names() == learned
-    inputs = {"task": bank_tensors(bank), "paper": bank_tensors(bank.recalibrated("paper"))}
+    assert bank.uses_paper_calibration() and bank.recalibrated("heldout").calibrated_task_names() == learned
+    inputs = {"task": bank_tensors(bank), "heldout": bank_tensors(bank.recalibrated("heldout"))}
     modules = {"sample": CalibratedDiki(engine.diki).eval(), "vote": CalibratedDiki(engine.diki, batch_vote=True),
-               "paper": CalibratedDiki(engine.diki).eval(), "uncalibrated": UncalibratedDiki(engine.diki)}
+               "heldout": CalibratedDiki(engine.diki).eval(), "uncalibrated": UncalibratedDiki(engine.diki)}
     saw_branch, weights = False, {}
     for mode, module in modules.items():
         for task in tasks:
             own = task.name in learned
-            arrays = dict(inputs["paper" if mode == "paper" else "task"])
+            arrays = dict(inputs["heldout" if mode == "heldout" else "task"])
             if not own:  # the unlearned task's classes under every learned task's text adapter
                 arrays["class_embeds"] = torch.cat([engine.table(n, task) for n in learned], dim=1)
                 arrays["class_task"] = torch.arange(3).repeat_interleave(len(task.class_names))
@@ -71,7 +71,7 @@ def test_engine_matches_calibrated_diki(backbone):
             saw_branch |= bool((w > 0.5).any())
             weights[(mode, task.name)] = w
     assert saw_branch, "the test never exercised the residual branch"
-    assert not np.allclose(weights[("sample", "t3")], weights[("paper", "t3")]), "the two calibrations agreed"
+    assert not np.allclose(weights[("sample", "t3")], weights[("heldout", "t3")]), "the two calibrations agreed"
 
 
 def test_runner_end_to_end_and_reports(backbone, tmp_path):
@@ -79,7 +79,7 @@ def test_runner_end_to_end_and_reports(backbone, tmp_path):
     from diki_edge.evaluation.runner import EvalConfig, run_sequences
 
     tasks = synthetic_tasks(["red", "green", "blue"], train=8, test=6, seed=0)
-    methods = ["zero-shot", "diki", "diki-paper", "diki-vote", "diki-no-calib", "prompt-l2p", "finetune"]
+    methods = ["zero-shot", "diki", "diki-heldout", "diki-vote", "diki-no-calib", "prompt-l2p", "finetune"]
     cfg = EvalConfig(methods=methods, epochs=1, batch_size=8, timing_images=8, timing_batch=4, vote_batch=4)
     res = run_sequences(backbone, {"A": tasks, "B": tasks[::-1]}, _holdouts(), cfg, tmp_path / "work")
     assert set(res["orders"]) == {"A", "B"}

@@ -156,17 +156,17 @@ def test_learning_a_real_task_works_and_its_images_are_familiar(tmp_path):
 
 
 def test_each_task_is_calibrated_as_asked_and_paper_is_the_papers_mapping(tmp_path, tiny_model_spec):
-    """--calibration paper stores slope 1/D, bias -1 (DIKI's sigmoid(S/D - 1)); the default fits the held-out law,
-    or falls back to paper (saying why) when a task has fewer than D + 5 images; the adapters do not depend on it."""
+    """The default (paper) stores slope 1/D, bias -1 (DIKI's sigmoid(S/D - 1)); heldout fits the held-out law, or
+    falls back to paper (saying why) when a task has fewer than D + 5 images; the adapters do not depend on it."""
     import dataclasses
 
     from diki_edge_runtime import calibration as calib
 
     data = write_digit_folder(tmp_path / "d", (0, 1), per_class=40)
-    paper_bank, _ = train_into_bank(tmp_path / "p.safetensors", data, "t", model=tiny_model_spec,
-                                    cfg=dataclasses.replace(FAST, calibration="paper"), quiet=True)
-    fitted_bank, _ = train_into_bank(tmp_path / "h.safetensors", data, "t", model=tiny_model_spec, cfg=FAST,
-                                     quiet=True)
+    paper_bank, _ = train_into_bank(tmp_path / "p.safetensors", data, "t", model=tiny_model_spec, cfg=FAST,
+                                    quiet=True)  # the default
+    fitted_bank, _ = train_into_bank(tmp_path / "h.safetensors", data, "t", model=tiny_model_spec,
+                                     cfg=dataclasses.replace(FAST, calibration="heldout"), quiet=True)
     dim = paper_bank.layout.embed_dim
     assert paper_bank.tasks[0].calibration.method == calib.PAPER
     np.testing.assert_array_equal(paper_bank.arrays["calib_slope"], [np.float32(1 / dim)])

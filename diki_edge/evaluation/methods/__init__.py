@@ -22,7 +22,7 @@ from diki_edge.evaluation.methods.prompts import (
 )
 from diki_edge.evaluation.methods.zero_shot import ZeroShot
 
-METHOD_KEYS = ["zero-shot", "diki", "diki-paper", "diki-vote", "diki-no-calib", "prompt-l2p", "finetune", "diki-onnx"]
+METHOD_KEYS = ["zero-shot", "diki", "diki-heldout", "diki-vote", "diki-no-calib", "prompt-l2p", "finetune", "diki-onnx"]
 
 __all__ = ["METHOD_KEYS", "DikiEngine", "DikiMethod", "FineTuneConfig", "FrozenFeatures", "LearnReport", "Method",
            "Outcome", "PromptConfig", "PromptEngine", "PromptMethod", "Schedule", "SequentialFineTune",

@@ -1,5 +1,5 @@
 """DIKI as the evaluator runs it: :class:`DikiEngine` trains each task once (tasks are independent) and serves
-the per-sample, batch-voting, paper-calibrated and uncalibrated variants; the second encoder pass of an image
+the per-sample, batch-voting, held-out-calibrated and uncalibrated variants; the second encoder pass of an image
 depends only on (image, selected task, calibration) and is memoised, which gives exactly the numbers a fresh run
 over each row's bank would give (tested against :class:`~diki_edge.calibrated.CalibratedDiki`)."""
 
@@ -65,7 +65,8 @@ class DikiEngine:
         self.reports: dict[str, LearnReport] = {}
         self._gauss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # [1] slope, [1] bias of each (task, calibration): "task" as the task was trained, "paper" DIKI's mapping
+        # [1] slope, [1] bias of each (task, calibration): "task" as the task was trained, or a calibration method
+        # (diki_edge_runtime.calibration.METHODS) refitted from the task's statistics
         self._calib: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._f0: dict[str, torch.Tensor] = {}
         self._scores: dict[tuple[str, str], torch.Tensor] = {}
@@ -95,8 +96,8 @@ class DikiEngine:
         arrays = one.graph_inputs()  # float32, exactly as a bank stores them
         self._gauss[name] = tuple(torch.from_numpy(np.array(arrays[k][0]))
                                   for k in ("gauss_mean", "gauss_whiten", "gauss_const"))
-        paper = one.recalibrated(calib.PAPER).graph_inputs()
-        for which, source in (("task", arrays), ("paper", paper)):
+        refits = {m: one.recalibrated(m).graph_inputs() for m in calib.METHODS}
+        for which, source in (("task", arrays), *refits.items()):
             self._calib[(name, which)] = tuple(torch.from_numpy(np.array(source[k]))
                                                for k in ("calib_slope", "calib_bias"))
         self._kv[name] = (torch.from_numpy(arrays["bank_k"][0].copy()), torch.from_numpy(arrays["bank_v"][0].copy()))
@@ -131,7 +132,8 @@ class DikiEngine:
 
     def weight(self, score: torch.Tensor, names: Sequence[str], sel: torch.Tensor, which: str = "task") -> torch.Tensor:
         """The calibrated ``M`` of scores of the tasks ``names[sel]`` under calibration ``which`` ("task": each
-        task's own, "paper": DIKI's mapping), the same float32 expression as CalibratedDiki."""
+        task's own as trained, or a method of diki_edge_runtime.calibration), the same float32 expression as
+        CalibratedDiki."""
         slope = torch.cat([self._calib[(n, which)][0] for n in names]).index_select(0, sel)
         bias = torch.cat([self._calib[(n, which)][1] for n in names]).index_select(0, sel)
         return calibration_weight(score, slope, bias)
@@ -180,8 +182,8 @@ class DikiEngine:
     def predict(self, task: EvalTask, holdout: bool, learned: Sequence[str], mode: str,
                 vote_batch: int = 32) -> Outcome:
         """``mode``: "sample" (per-sample selection), "vote" (reference batch voting over consecutive batches
-        of ``vote_batch`` test images of this set), "paper" (per-sample, DIKI's own mapping whatever the task was
-        trained with) or "uncalibrated" (per-sample selection, M = 1)."""
+        of ``vote_batch`` test images of this set), "heldout" (per-sample, every task refitted to its held-out law
+        whatever it was trained with) or "uncalibrated" (per-sample selection, M = 1)."""
         scores = self.scores(task, holdout, learned)  # [N, t]
         sel = scores.argmax(dim=1)
         if mode == "vote":
@@ -189,7 +191,7 @@ class DikiEngine:
                 votes = torch.bincount(sel[i:i + vote_batch], minlength=len(learned))
                 sel[i:i + vote_batch] = int(votes.argmax())
         chosen = scores.gather(1, sel.unsqueeze(1)).squeeze(1)
-        which = None if mode == "uncalibrated" else "paper" if mode == "paper" else "task"
+        which = None if mode == "uncalibrated" else calib.HELDOUT if mode == "heldout" else "task"
         weight = self.weight(chosen, learned, sel, which) if which else torch.ones(len(sel))
         text_weight = weight.clone()
         if mode == "vote":
@@ -225,8 +227,9 @@ class DikiMethod(Method):
                    "per-sample task selection by Gaussian log-density, calibrated M per sample"),
         "vote": ("diki-vote", "DIKI (batch voting)",
                  "one task per test batch by majority vote, batch-mean M on the text side (reference behaviour)"),
-        "paper": ("diki-paper", "DIKI, the paper's calibration (per-sample)",
-                  "per-sample task selection by Gaussian log-density, M = sigmoid(S / D - 1) as in the paper"),
+        "heldout": ("diki-heldout", "DIKI, per-task held-out calibration (per-sample)",
+                    "per-sample task selection by Gaussian log-density, M fitted per task to its held-out law "
+                    "(diki_edge_runtime.calibration, method heldout)"),
         "uncalibrated": ("diki-no-calib", "DIKI without calibration (M = 1)",
                          "per-sample task selection by Gaussian log-density, M = 1 always"),
     }
