@@ -80,7 +80,7 @@ class RunOptions:
     workers: int | None = None  # DataLoader processes; None: 0 on the CPU, up to 8 per GPU
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of every epoch only)
     resume: bool = False
-    stats_batch_size: int = STATS_BATCH  # images per step of the statistics pass
+    stats_batch_size: int = STATS_BATCH  # most images per step of the statistics pass (capped by batch_size)
 
 
 @dataclass

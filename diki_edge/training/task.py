@@ -77,7 +77,10 @@ class TaskRun:
             raise ValueError("TrainConfig.lr must be resolved (train_task uses the backbone's recommended lr)")
         self.diki, self.source, self.classes, self.cfg, self.ctx = diki, source, list(classes), cfg, ctx
         self.precision = precision or Precision("fp32", ctx.device)
-        self.checkpointer, self.progress, self.stats_batch_size = checkpointer, progress, stats_batch_size
+        # a statistics chunk larger than the training batch would be the run's peak memory, growing with the
+        # number of images up to the chunk; both paths (folder, in memory) chunk alike, see statistics_pass
+        self.checkpointer, self.progress = checkpointer, progress
+        self.stats_batch_size = max(1, min(stats_batch_size, cfg.batch_size))
         self.tokens = tokenize(tokenizer, classes, cfg.template).to(ctx.device)
         self.resumed_from: str | None = None
 
