@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diki_edge.errors import TrainError
+from diki_edge.errors import TrainUsageError
 from diki_edge.loader import STATS_BATCH
 from diki_edge.model import DEFAULT_RESIDUAL_LENGTH
 from diki_edge_runtime import calibration as calib
@@ -31,7 +31,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problem = config_problem(self)
         if problem:
-            raise TrainError(problem)
+            raise TrainUsageError(problem)
 
 
 def config_problem(cfg: TrainConfig) -> str | None:

@@ -201,7 +201,7 @@ def test_devices_and_precisions_are_checked_before_any_work(tmp_path, tiny_model
     args = ["--bank", str(bank), "--task", "t", "--data", str(data), "--model", tiny_model_spec]
     if not torch.cuda.is_available():
         no_gpu = run(train_cmd(*args, "--device", "cuda"))
-        assert no_gpu.returncode == 1 and "CUDA is not available" in no_gpu.stderr, no_gpu.stderr
+        assert no_gpu.returncode == 2 and "CUDA is not available" in no_gpu.stderr, no_gpu.stderr
         assert "Traceback" not in no_gpu.stderr
     assert not bank.exists()
     ok = run(train_cmd(*args, "--device", "auto", "--epochs", "1"))
