@@ -85,8 +85,10 @@ def train(
         msg += f"; skipped {report.skipped} unreadable images"
     err.print(msg, highlight=False)
     fitted = next(t for t in new_bank.tasks if t.name == report.task).calibration
-    if fitted.note:
-        err.print(f"note: task {report.task!r}: {fitted.note}", highlight=False)
+    if report.warning:  # it says what the fallback note would, and what to do
+        err.print(f"[yellow]warning:[/] {escape(report.warning)}", highlight=False, soft_wrap=True)
+    elif fitted.note:
+        err.print(f"note: task {report.task!r}: {escape(fitted.note)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

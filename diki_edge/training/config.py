@@ -95,3 +95,4 @@ class TrainReport:
     processes: int = 1
     rank: int = 0
     resumed_from: str | None = None  # "epoch E, batch B" when --resume continued a checkpoint
+    warning: str | None = None  # calibration.few_images_warning: too few images for the task's Gaussian

@@ -233,7 +233,8 @@ def train_task(backbone: Backbone, diki: DikiCLIP, folder: ImageFolder, name: st
     task = run.to_slice(name, result.adapter, result.stats, levels)
     report = TrainReport(name, task.stats.count, len(result.failures), time.perf_counter() - start, result.loss,
                          result.accuracy,
-                         str(ctx.device), ctx.world, ctx.rank, run.resumed_from)
+                         str(ctx.device), ctx.world, ctx.rank, run.resumed_from,
+                         calib.few_images_warning(name, task.stats.count, task.stats.dim))
     return task, report
 
 

@@ -105,6 +105,28 @@ def test_a_failing_training_still_exits_1(tmp_path, tiny_model_spec):
     assert "training loss became" in done.output.replace("\n", "") and not bank.exists()
 
 
+@pytest.mark.parametrize("per_class, calibration, warned", [(6, "heldout", True), (6, "paper", True),
+                                                            (19, "heldout", False)])
+def test_train_warns_when_a_task_has_fewer_images_than_d_plus_5(tmp_path, tiny_model_spec, per_class, calibration,
+                                                                 warned):
+    """Below D + 5 images (D = 32 here) the task's Gaussian is poorly conditioned: it still trains, and the user
+    is told the task, the count, D and what to do, whatever the calibration asked for."""
+    bank = tmp_path / "bank.safetensors"
+    done = _train_cli("--bank", str(bank), "--task", "tiny", "--data",
+                      str(write_digit_folder(tmp_path / "d", per_class=per_class)), "--model", tiny_model_spec,
+                      "--epochs", "1", "--batch-size", "8", "--quiet", "--device", "cpu",
+                      "--calibration", calibration)
+    assert done.exit_code == 0, done.output
+    output = " ".join(done.output.split())
+    if warned:
+        assert (f"warning: task 'tiny' has {2 * per_class} images, fewer than D + 5 = 37 (D = 32, the backbone's "
+                "embedding dimension)") in output and "give the task at least 37 images" in output, output
+        assert "note:" not in output  # the warning says what the fallback note would
+    else:
+        assert "warning" not in output and "note:" not in output, output
+    assert TaskBank.load(bank).task_names == ["tiny"]
+
+
 def test_a_non_finite_loss_stops_the_run_and_leaves_the_bank_untouched(tmp_path, tiny_model_spec):
     bank_path = tmp_path / "bank.safetensors"
     train_into_bank(bank_path, write_digit_folder(tmp_path / "a", (0, 1)), "a", model=tiny_model_spec, cfg=FAST,
