@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diki_edge.errors import BackboneError
+from diki_edge.errors import BackboneError, BackboneUsageError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "diki-tiny"
@@ -101,13 +101,15 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, 
     if is_local_dir and pretrained is not None and checkpoint is None:
         # The bundled and local-dir backbones carry their own weights (a checkpoint file may still replace them); a
         # tag or "random" silently dropped would record a bank whose backbone is not the one asked for.
-        raise BackboneError(f"--pretrained {pretrained!r} cannot be used with --model {model!r}: that model brings "
-                            "its own weights (omit --pretrained, or pick an open_clip model name such as ViT-B-16)")
+        raise BackboneUsageError(f"--pretrained {pretrained!r} cannot be used with --model {model!r}: that model "
+                                 "brings its own weights (omit --pretrained, or pick an open_clip model name such as "
+                                 "ViT-B-16)")
     tag = None if (is_local_dir or checkpoint or pretrained in (None, RANDOM)) else pretrained
     if checkpoint is not None and not checkpoint.is_file():
-        raise BackboneError(f"{checkpoint}: checkpoint file not found")
+        raise BackboneUsageError(f"{checkpoint}: checkpoint file not found")
     if not is_local_dir and name not in open_clip.list_models():
-        raise BackboneError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
+        raise BackboneUsageError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use "
+                                 "local-dir:PATH)")
     torch.manual_seed(seed)
     try:
         clip = open_clip.create_model(name, pretrained=tag, device="cpu")

@@ -20,9 +20,10 @@ from diki_edge_runtime.errors import DikiEdgeError
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def fail(exc: DikiEdgeError) -> None:
+    """Print ``exc`` as one line and exit with its own status (2 for a usage error, 1 for a failed run)."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
 
 
 def train(
@@ -62,7 +63,7 @@ def train(
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, template=template, seed=seed, ridge=ridge,
                           levels=levels, calibration=calibration)
     except DikiEdgeError as exc:
-        fail(str(exc), 2)
+        fail(exc)
     options = RunOptions(device=device, precision=precision, workers=workers, checkpoint_every=checkpoint_every,
                          resume=resume)
     try:
@@ -70,7 +71,7 @@ def train(
                                            replace=replace, quiet=quiet, options=options,
                                            on_device=lambda note: err.print(note, highlight=False))
     except DikiEdgeError as exc:
-        fail(str(exc))
+        fail(exc)
     if report.rank != 0:
         return
     msg = (f"task {report.task!r}: {report.samples} images, train accuracy {report.train_accuracy:.1%}, "
@@ -82,8 +83,10 @@ def train(
         msg += f"; skipped {report.skipped} unreadable images"
     err.print(msg, highlight=False)
     fitted = next(t for t in new_bank.tasks if t.name == report.task).calibration
-    if fitted.note:
-        err.print(f"note: task {report.task!r}: {fitted.note}", highlight=False)
+    if report.warning:  # it says what the fallback note would, and what to do
+        err.print(f"[yellow]warning:[/] {escape(report.warning)}", highlight=False, soft_wrap=True)
+    elif fitted.note:
+        err.print(f"note: task {report.task!r}: {escape(fitted.note)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diki_edge.errors import DataError
+from diki_edge.errors import DataError, DataUsageError
 from diki_edge_runtime.images import IMAGE_SUFFIXES
 
 
@@ -110,9 +110,9 @@ def _class_images(root: Path, folder: Path) -> list[Path]:
 def scan_image_folder(root: str | Path) -> ImageFolder:
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise DataError(f"{root}: is a file, not a folder (the data folder holds one sub-folder per class)")
+        raise DataUsageError(f"{root}: is a file, not a folder (the data folder holds one sub-folder per class)")
     if not root.is_dir():
-        raise DataError(f"{root}: data folder not found")
+        raise DataUsageError(f"{root}: data folder not found")
     folders = _class_folders(root)
     if len(folders) < 2:
         raise DataError(f"{root}: expected one sub-folder per class (at least 2), found {len(folders)}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diki_edge.errors import TrainError
+from diki_edge.errors import TrainUsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,8 +34,8 @@ def resolve_device(spec: str, local_rank: int | None = None) -> tuple[torch.devi
         return torch.device("cpu"), "device cpu"
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise TrainError(f"--device {spec}: CUDA is not available (torch {torch.__version__}, "
-                                f"built for CUDA {torch.version.cuda or 'none'}; no GPU visible)")
+            raise TrainUsageError(f"--device {spec}: CUDA is not available (torch {torch.__version__}, "
+                                  f"built for CUDA {torch.version.cuda or 'none'}; no GPU visible)")
         count = torch.cuda.device_count()
         if spec == "cuda":
             index = local_rank or 0
@@ -43,12 +43,12 @@ def resolve_device(spec: str, local_rank: int | None = None) -> tuple[torch.devi
             try:
                 index = int(spec.split(":", 1)[1])
             except ValueError:
-                raise TrainError(f"--device {spec}: expected cuda:N with N an integer") from None
+                raise TrainUsageError(f"--device {spec}: expected cuda:N with N an integer") from None
         if not 0 <= index < count:
-            raise TrainError(f"--device {spec}: there are {count} CUDA devices (0..{count - 1})")
+            raise TrainUsageError(f"--device {spec}: there are {count} CUDA devices (0..{count - 1})")
         device = torch.device("cuda", index)
         return device, f"device {device} ({torch.cuda.get_device_name(device)})"
-    raise TrainError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    raise TrainUsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,13 @@ class Precision:
     @classmethod
     def of(cls, name: str, device: torch.device) -> Precision:
         if name not in PRECISIONS:
-            raise TrainError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+            raise TrainUsageError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
         if name != "fp32" and device.type != "cuda":
-            raise TrainError(f"--precision {name} needs a CUDA device (training runs on {device}); "
-                                "use --precision fp32 on the CPU")
+            raise TrainUsageError(f"--precision {name} needs a CUDA device (training runs on {device}); "
+                                  "use --precision fp32 on the CPU")
         if name == "bf16" and not torch.cuda.is_bf16_supported():
-            raise TrainError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
-                                "(use fp16 or fp32)")
+            raise TrainUsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                                  "support (use fp16 or fp32)")
         return cls(name, device)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diki_edge.data import open_rgb
 
-STATS_BATCH = 256  # images per statistics step (the chunk size of the in-memory path, so both sum identically)
+STATS_BATCH = 256  # most images per statistics step (TaskRun caps it at the training batch)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from diki_edge.calibrated import calibration_levels
 from diki_edge.checkpoint import Checkpointer, checkpoint_path, data_fingerprint
 from diki_edge.data import ImageFolder, scan_image_folder
 from diki_edge.distributed import DistContext, process_group
-from diki_edge.errors import TrainError
+from diki_edge.errors import TrainError, TrainUsageError
 from diki_edge.layout import layout_for
 from diki_edge.model import DikiCLIP
 from diki_edge.progress import make_progress
@@ -73,7 +73,7 @@ def train_into_bank(bank_path: str | Path, data_dir: str | Path, task_name: str,
     options = options or RunOptions()
     bank_path = Path(bank_path)
     if not isinstance(task_name, str) or not task_name.strip():
-        raise TrainError(f"the task name must be a non-empty string, got {task_name!r}")
+        raise TrainUsageError(f"the task name must be a non-empty string, got {task_name!r}")
     with process_group(options.device) as ctx:
         if on_device and ctx.is_main:
             on_device(ctx.device_note + (f", {ctx.world} processes ({ctx.backend})" if ctx.active else ""))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diki_edge.errors import TrainError
+from diki_edge.errors import TrainUsageError
 from diki_edge.loader import STATS_BATCH
 from diki_edge.model import DEFAULT_RESIDUAL_LENGTH
 from diki_edge_runtime import calibration as calib
@@ -31,7 +31,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problem = config_problem(self)
         if problem:
-            raise TrainError(problem)
+            raise TrainUsageError(problem)
 
 
 def config_problem(cfg: TrainConfig) -> str | None:
@@ -80,7 +80,7 @@ class RunOptions:
     workers: int | None = None  # DataLoader processes; None: 0 on the CPU, up to 8 per GPU
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of every epoch only)
     resume: bool = False
-    stats_batch_size: int = STATS_BATCH  # images per step of the statistics pass
+    stats_batch_size: int = STATS_BATCH  # most images per step of the statistics pass (capped by batch_size)
 
 
 @dataclass
@@ -95,3 +95,4 @@ class TrainReport:
     processes: int = 1
     rank: int = 0
     resumed_from: str | None = None  # "epoch E, batch B" when --resume continued a checkpoint
+    warning: str | None = None  # calibration.few_images_warning: too few images for the task's Gaussian

@@ -77,7 +77,10 @@ class TaskRun:
             raise ValueError("TrainConfig.lr must be resolved (train_task uses the backbone's recommended lr)")
         self.diki, self.source, self.classes, self.cfg, self.ctx = diki, source, list(classes), cfg, ctx
         self.precision = precision or Precision("fp32", ctx.device)
-        self.checkpointer, self.progress, self.stats_batch_size = checkpointer, progress, stats_batch_size
+        # a statistics chunk larger than the training batch would be the run's peak memory, growing with the
+        # number of images up to the chunk; both paths (folder, in memory) chunk alike, see statistics_pass
+        self.checkpointer, self.progress = checkpointer, progress
+        self.stats_batch_size = max(1, min(stats_batch_size, cfg.batch_size))
         self.tokens = tokenize(tokenizer, classes, cfg.template).to(ctx.device)
         self.resumed_from: str | None = None
 
@@ -230,7 +233,8 @@ def train_task(backbone: Backbone, diki: DikiCLIP, folder: ImageFolder, name: st
     task = run.to_slice(name, result.adapter, result.stats, levels)
     report = TrainReport(name, task.stats.count, len(result.failures), time.perf_counter() - start, result.loss,
                          result.accuracy,
-                         str(ctx.device), ctx.world, ctx.rank, run.resumed_from)
+                         str(ctx.device), ctx.world, ctx.rank, run.resumed_from,
+                         calib.few_images_warning(name, task.stats.count, task.stats.dim))
     return task, report
 
 

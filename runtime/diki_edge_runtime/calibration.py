@@ -142,15 +142,36 @@ def weight(score: np.ndarray, slope: np.ndarray | float, bias: np.ndarray | floa
 
 
 # ----------------------------------------------------------------------------------------------- fitting
+def too_few_images(count: int, dim: int) -> str | None:
+    """Why ``count`` images cannot give a task a usable held-out law in ``dim`` dimensions, or None.
+
+    The one threshold behind :func:`fit`'s fallback and :func:`few_images_warning`."""
+    need = dim + MIN_EXTRA_IMAGES
+    if count >= need:
+        return None
+    return f"{count} images are too few for a held-out fit in {dim} dimensions (needs {need})"
+
+
+def few_images_warning(task: str, count: int, dim: int) -> str | None:
+    """What the commands that add a task print when it has too few images for its Gaussian, or None."""
+    if too_few_images(count, dim) is None:
+        return None
+    need = dim + MIN_EXTRA_IMAGES
+    return (f"task {task!r} has {count} images, fewer than D + {MIN_EXTRA_IMAGES} = {need} (D = {dim}, the "
+            "backbone's embedding dimension): its Gaussian is poorly conditioned, so images may not be routed to "
+            "it, and a held-out calibration cannot be fitted (the paper mapping is used); give the task at least "
+            f"{need} images")
+
+
 def fit(method: str, count: int, dim: int) -> Calibration:
     """The calibration ``method`` gives a task whose Gaussian was fitted on ``count`` images in dimension ``dim``."""
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
     if method == PAPER:
         return paper()
-    if count < dim + MIN_EXTRA_IMAGES:
-        return Calibration(PAPER, note=f"{count} images are too few for a held-out fit in {dim} dimensions "
-                                       f"(needs {dim + MIN_EXTRA_IMAGES}); the paper mapping is used")
+    problem = too_few_images(count, dim)
+    if problem is not None:
+        return Calibration(PAPER, note=f"{problem}; the paper mapping is used")
     typical, edge = (hotelling_d2_quantile(q, count, dim) for q in (0.5, EDGE_QUANTILE))
     return Calibration(HELDOUT, HOTELLING, int(count), typical, edge)
 

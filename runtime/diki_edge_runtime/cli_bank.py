@@ -179,6 +179,8 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
     err.print(f"added label-only task {name!r} ({report.labels} labels, Gaussian of {report.examples} example "
               f"images, calibration {report.calibration.describe()}) -> {report.bank}", highlight=False,
               soft_wrap=True, markup=False)
+    if report.warning:
+        err.print(f"warning: {report.warning}", highlight=False, soft_wrap=True, markup=False)
 
 
 @bank_app.command("recalibrate")

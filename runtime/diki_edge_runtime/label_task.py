@@ -40,6 +40,7 @@ class AddTaskReport:
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images that could not be read
     bank: str = ""
     calibration: calib.Calibration = field(default_factory=calib.paper)  # what the task's M mapping was fitted to
+    warning: str | None = None  # calibration.few_images_warning: too few examples for the task's Gaussian
 
 
 def default_model_dir(bank_path: str | os.PathLike) -> Path | None:
@@ -116,4 +117,5 @@ def add_label_task(bank_path: str | os.PathLike, name: str, labels: Sequence[str
         except ValueError as exc:  # the covariance could not be factorised
             raise BankError(f"{bank_path}: cannot fit the task's Gaussian: {exc}") from None
         new_bank.save(target)
-    return AddTaskReport(name, len(labels), task.stats.count, skipped, str(target), task.info.calibration)
+    return AddTaskReport(name, len(labels), task.stats.count, skipped, str(target), task.info.calibration,
+                         calib.few_images_warning(name, task.stats.count, task.stats.dim))

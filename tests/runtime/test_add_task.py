@@ -42,6 +42,7 @@ sys.exit(res.exit_code or (3 if bad else 0))
     res = run_blocked(code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "broken.jpg" in res.stdout and "48 example images" in res.stdout
+    assert "warning" not in res.stdout  # 48 >= D + 5 = 37
 
     three = golden.banks["three"]
     new = TaskBank.load(bank)
@@ -116,6 +117,9 @@ def test_add_task_in_a_model_folder_finds_the_model_by_itself(golden, tmp_path):
                     "--images", str(examples / "0*.png"), "--images", str(examples / "1*.png"))
     assert res.exit_code == 0, res.stderr
     assert "20 example images" in res.stderr
+    warning = " ".join(res.stderr.split())  # 20 < D + 5 = 37 (D = 32): the task is added, and the user told why
+    assert ("warning: task 'portraits' has 20 images, fewer than D + 5 = 37 (D = 32, the backbone's embedding "
+            "dimension)") in warning and "give the task at least 37 images" in warning, res.stderr
     p = Predictor(folder, threads=1)
     assert p.tasks[-1] == "portraits" and p.predict([str(golden.files[0])])[0].ok
 

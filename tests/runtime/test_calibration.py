@@ -56,6 +56,20 @@ def test_the_fit_puts_m_at_its_targets_and_the_paper_mapping_is_exact():
         calib.fit("magic", count, dim)  # noqa
 
 
+def test_the_few_images_warning_and_the_fallback_share_one_threshold():
+    dim = 64
+    need = dim + calib.MIN_EXTRA_IMAGES
+    for count in (need - 1, 48, 2):
+        warning = calib.few_images_warning("birds", count, dim)
+        assert calib.fit(calib.HELDOUT, count, dim).note is not None and warning is not None
+        assert f"task 'birds' has {count} images, fewer than D + 5 = 69 (D = 64" in warning
+        assert "at least 69 images" in warning
+    assert calib.few_images_warning("birds", 48, dim) and calib.fit(calib.PAPER, 48, dim).note is None
+    for count in (need, need + 100):
+        assert calib.few_images_warning("birds", count, dim) is None
+        assert calib.fit(calib.HELDOUT, count, dim).method == calib.HELDOUT
+
+
 def _heldout(bank: TaskBank) -> TaskBank:
     return bank.recalibrated(calib.HELDOUT)
 

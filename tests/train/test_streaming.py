@@ -79,6 +79,72 @@ def _earlier_versions_adapter(diki, tokenizer, images, labels, classes, lr, cfg)
     return adapter
 
 
+class _RecordingEncoder:
+    """A stand-in for DikiCLIP's image encoder: a fixed projection, and the size of every batch it was given."""
+
+    def __init__(self, dim=8):
+        self.shape = type("Shape", (), {"embed_dim": dim})()
+        self.proj = torch.randn(3 * 2 * 2, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        self.sizes = []
+
+    def encode_image(self, images):
+        self.sizes.append(len(images))
+        return (images.reshape(len(images), -1).double() @ self.proj).float()
+
+
+class _FolderLike:
+    """A source whose samples ``bad`` fail to decode, batched like FolderSource (failures leave their batch)."""
+
+    def __init__(self, images, bad):
+        self.images, self.bad = images, set(bad)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, sampler):
+        from diki_edge.loader import Batch
+
+        for idx in sampler:
+            good = [i for i in idx if i not in self.bad]
+            yield Batch(self.images[good] if good else None, torch.zeros(len(good), dtype=torch.int64),
+                        [(i, "broken") for i in idx if i in self.bad])
+
+
+@pytest.mark.parametrize("bad", [(), (3,), (0, 1, 2, 3, 4), (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (40, 41)])
+def test_statistics_chunks_follow_the_readable_images_not_the_files(bad):
+    """Bad images must not move the statistics chunks: a folder with failures and its readable images in memory
+    encode the same chunks and sum bit for bit alike, never more than the chunk size at once."""
+    from diki_edge.loader import TensorSource
+    from diki_edge.training.statistics import statistics_pass
+
+    images = torch.randn(42, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    folder_enc, memory_enc = _RecordingEncoder(), _RecordingEncoder()
+    stats, failures = statistics_pass(folder_enc, _FolderLike(images, bad), batch_size=8)
+    keep = [i for i in range(len(images)) if i not in bad]
+    reference, _ = statistics_pass(memory_enc, TensorSource(images[keep], torch.zeros(len(keep))), batch_size=8)
+    assert [i for i, _ in failures] == list(bad)
+    assert folder_enc.sizes == memory_enc.sizes and max(folder_enc.sizes) <= 8
+    assert stats.count == reference.count == len(keep)
+    np.testing.assert_array_equal(stats.total, reference.total)
+    np.testing.assert_array_equal(stats.outer, reference.outer)
+
+
+def test_the_statistics_chunk_is_capped_by_the_training_batch(tiny_backbone):
+    """A statistics chunk larger than the training batch would be the run's peak memory (growing with the number
+    of images up to the chunk)."""
+    from diki_edge.loader import TensorSource
+    from diki_edge.model import DikiCLIP
+    from diki_edge.training.task import TaskRun
+
+    diki = DikiCLIP(tiny_backbone.model)
+    source = TensorSource(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))
+    run_ = TaskRun(diki, tiny_backbone.tokenizer, source, ["a"], TrainConfig(batch_size=16, lr=1.0))
+    assert run_.stats_batch_size == 16
+    run_ = TaskRun(diki, tiny_backbone.tokenizer, source, ["a"], TrainConfig(batch_size=512, lr=1.0),
+                   stats_batch_size=64)
+    assert run_.stats_batch_size == 64
+
+
 RSS_PROBE = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -91,7 +157,7 @@ RSS_PROBE = textwrap.dedent("""
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure training, not the imports
     bank, report = train_into_bank(sys.argv[1], sys.argv[2], "t", model=sys.argv[3], quiet=True,
                                    cfg=TrainConfig(epochs=1, batch_size=16),
-                                   options=RunOptions(device="cpu", workers=0, stats_batch_size=16))
+                                   options=RunOptions(device="cpu", workers=0))
     print(report.samples, status("VmHWM"))
 """)
 
@@ -135,7 +201,7 @@ def test_devices_and_precisions_are_checked_before_any_work(tmp_path, tiny_model
     args = ["--bank", str(bank), "--task", "t", "--data", str(data), "--model", tiny_model_spec]
     if not torch.cuda.is_available():
         no_gpu = run(train_cmd(*args, "--device", "cuda"))
-        assert no_gpu.returncode == 1 and "CUDA is not available" in no_gpu.stderr, no_gpu.stderr
+        assert no_gpu.returncode == 2 and "CUDA is not available" in no_gpu.stderr, no_gpu.stderr
         assert "Traceback" not in no_gpu.stderr
     assert not bank.exists()
     ok = run(train_cmd(*args, "--device", "auto", "--epochs", "1"))

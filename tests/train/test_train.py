@@ -118,7 +118,7 @@ def test_progress_bars_and_quiet(tmp_path, tiny_model_spec):
     bad = subprocess.run(_cli("train", "--bank", str(tmp_path / "c.safetensors"), "--task", "t", "--data",
                               str(tmp_path / "missing"), "--model", tiny_model_spec), capture_output=True, text=True,
                          env=env)
-    assert bad.returncode == 1 and "data folder not found" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "data folder not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_learning_a_real_task_works_and_its_images_are_familiar(tmp_path):

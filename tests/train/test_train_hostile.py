@@ -65,7 +65,66 @@ def test_empty_task_names_are_refused(tmp_path):
         with pytest.raises(TrainError, match="task name must be a non-empty string"):
             train_into_bank(tmp_path / "b.safetensors", tmp_path / "no-such-folder", name, quiet=True)
     done = _train_cli("--bank", str(tmp_path / "b.safetensors"), "--task", "", "--data", str(tmp_path))
-    assert done.exit_code == 1 and "task name must be a non-empty string" in done.output
+    assert done.exit_code == 2 and "task name must be a non-empty string" in done.output
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("device", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    ("precision", "--precision 'fp8': expected one of fp32, bf16, fp16"),
+    ("no data", "data folder not found"),
+    ("data is a file", "is a file, not a folder"),
+    ("no checkpoint", "checkpoint file not found"),
+    ("pretrained tag with local-dir", "cannot be used with --model"),
+    ("unknown model", "unknown open_clip model 'no-such-model'"),
+])
+def test_train_usage_errors_exit_2_naming_the_option(tmp_path, tiny_model_spec, case, expected):
+    """Usage errors exit 2 (the documented convention of every command), a failed run 1: a script can tell a
+    wrong command line from a training that went wrong."""
+    data = write_digit_folder(tmp_path / "data")
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    options = {"--data": str(data), "--model": tiny_model_spec, "--device": "cpu"}
+    options.update({"device": {"--device": "tpu"}, "precision": {"--precision": "fp8"},
+                    "no data": {"--data": str(tmp_path / "missing")},
+                    "data is a file": {"--data": str(tmp_path / "images.zip")},
+                    "no checkpoint": {"--model": "ViT-B-32", "--pretrained": str(tmp_path / "none.safetensors")},
+                    "pretrained tag with local-dir": {"--pretrained": "openai"},
+                    "unknown model": {"--model": "no-such-model"}}[case])
+    bank = tmp_path / "bank.safetensors"
+    done = _train_cli("--bank", str(bank), "--task", "t", "--quiet", *(w for kv in options.items() for w in kv))
+    assert done.exit_code == 2, done.output
+    assert expected in done.output.replace("\n", "") and "Traceback" not in done.output
+    assert not bank.exists()
+
+
+def test_a_failing_training_still_exits_1(tmp_path, tiny_model_spec):
+    bank = tmp_path / "bank.safetensors"
+    done = _train_cli("--bank", str(bank), "--task", "t", "--data", str(write_digit_folder(tmp_path / "d")),
+                      "--model", tiny_model_spec, "--lr", "1e38", "--epochs", "2", "--batch-size", "4", "--quiet",
+                      "--device", "cpu")
+    assert done.exit_code == 1, done.output
+    assert "training loss became" in done.output.replace("\n", "") and not bank.exists()
+
+
+@pytest.mark.parametrize("per_class, calibration, warned", [(6, "heldout", True), (6, "paper", True),
+                                                            (19, "heldout", False)])
+def test_train_warns_when_a_task_has_fewer_images_than_d_plus_5(tmp_path, tiny_model_spec, per_class, calibration,
+                                                                 warned):
+    """Below D + 5 images (D = 32 here) the task's Gaussian is poorly conditioned: it still trains, and the user
+    is told the task, the count, D and what to do, whatever the calibration asked for."""
+    bank = tmp_path / "bank.safetensors"
+    done = _train_cli("--bank", str(bank), "--task", "tiny", "--data",
+                      str(write_digit_folder(tmp_path / "d", per_class=per_class)), "--model", tiny_model_spec,
+                      "--epochs", "1", "--batch-size", "8", "--quiet", "--device", "cpu",
+                      "--calibration", calibration)
+    assert done.exit_code == 0, done.output
+    output = " ".join(done.output.split())
+    if warned:
+        assert (f"warning: task 'tiny' has {2 * per_class} images, fewer than D + 5 = 37 (D = 32, the backbone's "
+                "embedding dimension)") in output and "give the task at least 37 images" in output, output
+        assert "note:" not in output  # the warning says what the fallback note would
+    else:
+        assert "warning" not in output and "note:" not in output, output
+    assert TaskBank.load(bank).task_names == ["tiny"]
 
 
 def test_a_non_finite_loss_stops_the_run_and_leaves_the_bank_untouched(tmp_path, tiny_model_spec):
