@@ -119,6 +119,7 @@ RENDERERS: dict[str, Renderer] = {
     "hostile_images": suite_table,
     "serve": suite_table,
     "open_world": suite_table,
+    "peers": suite_table,
     "bank_swap": bank_swap,
     "export_full_size": export_full_size,
     "skip_pass": skip_pass,
