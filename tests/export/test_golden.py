@@ -55,10 +55,39 @@ def test_same_manifest_keys_graph_contract_and_backbone(fresh):
     for key in ("format_version", "inputs", "outputs", "files", "bank", "opset", "exporter", "precision",
                 "skip_below", "validated_providers"):
         assert new[key] == old[key], key
-    assert new["backbone"]["weights_sha256"] == old["backbone"]["weights_sha256"]  # same seeded tiny backbone
+    if new["backbone"]["weights_sha256"] != old["backbone"]["weights_sha256"]:
+        # Same seed, other random-number kernels (e.g. ATEN_CPU_CAPABILITY=default, scripts/check_portability.py):
+        # the weights may differ in their last bits only, which the graph's initializers show.
+        assert_same_initializers(fresh / "model" / "model.onnx", GOLDEN / "model" / "model.onnx")
     layout = {k: v for k, v in new["bank_layout"].items() if k != "backbone"}
     assert layout == {k: v for k, v in old["bank_layout"].items() if k != "backbone"}
     assert sorted(new["validation"]) == sorted(old["validation"])
+
+
+def assert_same_initializers(new_path, old_path) -> None:
+    """The two graphs hold the same constants up to the rounding of torch's normal sampling.
+
+    ``torch.Tensor.normal_`` draws by Box-Muller, ``sqrt(-2 log u) cos(2 pi v)``; its scalar and vectorised kernels
+    evaluate log, cos and sqrt with different (<= 1 ulp) implementations, so a weight differs by at most a few
+    float32 ulps (u = 6e-8): under 1e-6 of its magnitude. Constant folding multiplies at most two weights, doubling
+    that. The bound, 1e-5 of each initializer's largest magnitude, leaves a margin of 5."""
+    import onnx
+    from onnx import numpy_helper
+
+    def constants(path):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    new, old = constants(new_path), constants(old_path)
+    assert sorted(new) == sorted(old)
+    for name, want in old.items():
+        got = new[name]
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if np.issubdtype(want.dtype, np.floating) and want.size:
+            bound = 1e-5 * float(np.abs(want).max())
+            assert float(np.abs(got.astype(np.float64) - want).max()) <= bound, name
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_same_graph_interface(fresh):
