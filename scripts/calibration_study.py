@@ -16,13 +16,14 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TASKS = ("textures", "mnist", "emoji-sports", "emoji-jobs", "faces", "emoji-hands")
+from diki_edge.datasets.dcil import TASK_ORDERS  # noqa: E402
+
+TASKS = tuple(TASK_ORDERS["A"])
 UNFAMILIAR = ("fashion", "pen-digits", "sklearn-digits", "photo-crops")
 
 
 def embeddings() -> dict[str, np.ndarray]:
     import torch
-    from PIL import Image
 
     from diki_edge.backbone import load_backbone
     from diki_edge.datasets import make_task
@@ -35,9 +36,8 @@ def embeddings() -> dict[str, np.ndarray]:
     def embed(images) -> np.ndarray:
         out = []
         for i in range(0, len(images), 64):
-            batch = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images[i:i + 64]]
             with torch.no_grad():
-                f = backbone.model.encode_image(torch.stack([transform(im) for im in batch]))
+                f = backbone.model.encode_image(torch.stack([transform(im) for im in images[i:i + 64]]))
             out.append(torch.nn.functional.normalize(f, dim=-1).double().numpy())
         return np.concatenate(out)
 

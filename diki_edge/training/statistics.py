@@ -46,15 +46,18 @@ class _FixedChunks:
         self.pending.append(images)
         self.held += len(images)
         while self.held >= self.size:
-            joined = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+            joined = self._joined()
             rest = joined[self.size:]
             self.pending, self.held = ([rest] if len(rest) else []), len(rest)
             yield joined[:self.size]
 
     def rest(self) -> Iterator[torch.Tensor]:
         if self.held:
-            yield torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+            yield self._joined()
         self.pending, self.held = [], 0
+
+    def _joined(self) -> torch.Tensor:
+        return torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ class GatedPredictor:
         return [res for res, _ in decoded]
 
 
-def wait_until(condition, timeout: float = 5.0) -> bool:
+def wait_until(condition, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -59,7 +59,7 @@ def test_queued_requests_decode_while_a_batch_runs_within_two_batches(tmp_path):
     try:
         first = Job(["a"], ["a.jpg"], 1)
         engine.submit(first)
-        assert fake.running.wait(5), "the first batch never started"
+        assert fake.running.wait(30), "the first batch never started"
         later = [Job([name], [f"{name}.jpg"], 1) for name in "bcdef"]
         for job in later:
             engine.submit(job)

@@ -65,8 +65,8 @@ class DikiEngine:
         self.reports: dict[str, LearnReport] = {}
         self._gauss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # [1] slope, [1] bias of each (task, calibration): "task" as the task was trained, or a calibration method
-        # (diki_edge_runtime.calibration.METHODS) refitted from the task's statistics
+        # [1] slope, [1] bias of each (task, calibration): "task" as the task was trained, or calib.HELDOUT (the
+        # task refitted to its held-out law from its statistics, for the diki-heldout variant)
         self._calib: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._f0: dict[str, torch.Tensor] = {}
         self._scores: dict[tuple[str, str], torch.Tensor] = {}
@@ -96,8 +96,7 @@ class DikiEngine:
         arrays = one.graph_inputs()  # float32, exactly as a bank stores them
         self._gauss[name] = tuple(torch.from_numpy(np.array(arrays[k][0]))
                                   for k in ("gauss_mean", "gauss_whiten", "gauss_const"))
-        refits = {m: one.recalibrated(m).graph_inputs() for m in calib.METHODS}
-        for which, source in (("task", arrays), *refits.items()):
+        for which, source in (("task", arrays), (calib.HELDOUT, one.recalibrated(calib.HELDOUT).graph_inputs())):
             self._calib[(name, which)] = tuple(torch.from_numpy(np.array(source[k]))
                                                for k in ("calib_slope", "calib_bias"))
         self._kv[name] = (torch.from_numpy(arrays["bank_k"][0].copy()), torch.from_numpy(arrays["bank_v"][0].copy()))
@@ -132,8 +131,7 @@ class DikiEngine:
 
     def weight(self, score: torch.Tensor, names: Sequence[str], sel: torch.Tensor, which: str = "task") -> torch.Tensor:
         """The calibrated ``M`` of scores of the tasks ``names[sel]`` under calibration ``which`` ("task": each
-        task's own as trained, or a method of diki_edge_runtime.calibration), the same float32 expression as
-        CalibratedDiki."""
+        task's own as trained, or calib.HELDOUT: refitted), the same float32 expression as CalibratedDiki."""
         slope = torch.cat([self._calib[(n, which)][0] for n in names]).index_select(0, sel)
         bias = torch.cat([self._calib[(n, which)][1] for n in names]).index_select(0, sel)
         return calibration_weight(score, slope, bias)
