@@ -142,11 +142,16 @@ def weight(score: np.ndarray, slope: np.ndarray | float, bias: np.ndarray | floa
 
 
 # ----------------------------------------------------------------------------------------------- fitting
+def images_needed(dim: int) -> int:
+    """The fewest images that give a task a usable held-out law (and a well-conditioned Gaussian) in ``dim``."""
+    return dim + MIN_EXTRA_IMAGES
+
+
 def too_few_images(count: int, dim: int) -> str | None:
     """Why ``count`` images cannot give a task a usable held-out law in ``dim`` dimensions, or None.
 
     The one threshold behind :func:`fit`'s fallback and :func:`few_images_warning`."""
-    need = dim + MIN_EXTRA_IMAGES
+    need = images_needed(dim)
     if count >= need:
         return None
     return f"{count} images are too few for a held-out fit in {dim} dimensions (needs {need})"
@@ -156,7 +161,7 @@ def few_images_warning(task: str, count: int, dim: int) -> str | None:
     """What the commands that add a task print when it has too few images for its Gaussian, or None."""
     if too_few_images(count, dim) is None:
         return None
-    need = dim + MIN_EXTRA_IMAGES
+    need = images_needed(dim)
     return (f"task {task!r} has {count} images, fewer than D + {MIN_EXTRA_IMAGES} = {need} (D = {dim}, the "
             "backbone's embedding dimension): its Gaussian is poorly conditioned, so images may not be routed to "
             "it, and a held-out calibration cannot be fitted (the paper mapping is used); give the task at least "

@@ -23,8 +23,6 @@ from diki_edge_runtime.errors import BankError, DikiEdgeError, UsageError
 bank_app = typer.Typer(no_args_is_help=True,
                        help="Inspect and edit task banks (show, merge, remove, rename, add-task, recalibrate).")
 
-CALIBRATION_HELP = calib.METHOD_HELP
-
 out = Console()
 err = Console(stderr=True)
 
@@ -148,7 +146,7 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
                                                                   "bank is in]."),
                   output: Path | None = typer.Option(None, "--out", help="Write here instead of in place."),
                   threads: int | None = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
-                  calibration: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP)) -> None:
+                  calibration: str = typer.Option(calib.DEFAULT_METHOD, help=calib.METHOD_HELP)) -> None:
     """Add a label-only task without training or torch: V_r = 0, the labels' frozen text embeddings as its class
     table, a Gaussian fitted to the frozen embeddings of the example images. `diki-edge train --replace` can
     later swap in a trained task of the same name."""
@@ -185,7 +183,7 @@ def bank_add_task(path: Path = typer.Argument(..., help="Bank file (in a model f
 
 @bank_app.command("recalibrate")
 def bank_recalibrate(path: Path = typer.Argument(..., help="Bank file."),
-                     method: str = typer.Option(calib.DEFAULT_METHOD, help=CALIBRATION_HELP),
+                     method: str = typer.Option(calib.DEFAULT_METHOD, help=calib.METHOD_HELP),
                      task: list[str] | None = typer.Option(None, help="Only this task (repeat for more) "
                                                                          "[default: every task]."),
                      output: Path | None = typer.Option(None, "--out", help="Write here instead of in place.")
